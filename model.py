@@ -1,0 +1,418 @@
+"""GPT-2 in one file: the module, Hugging Face checkpoint import/export, and KV-cached generation.
+
+Module names follow Hugging Face's GPT2LMHeadModel (transformer.h.0.attn.c_attn, ...) so a
+checkpoint maps onto this model name for name. HF stores its linears as Conv1D with weights of
+shape (in, out); here they are plain nn.Linear (out, in), transposed on the way in and out.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from configs import GPTConfig
+from errors import UserError
+from tokenizer import tokenizer_files
+
+IGNORE_INDEX = -100  # target value of positions that do not count in the loss
+
+
+class KVCache:
+    """Keys and values of every layer for the positions processed so far, preallocated."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
+        head_dim = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled; GPT.hidden_states advances it after the last layer
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's keys/values of one layer; return all of them so far."""
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.layer_idx = layer_idx  # which slot of a KVCache is ours
+
+    def forward(self, x, attn_mask=None, cache: KVCache | None = None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.append(self.layer_idx, k, v)
+        # Without an explicit mask this is plain causal attention (training, scoring); generation
+        # passes a mask because of left padding and cached positions.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.checkpoint_dir: Path | None = None  # set by from_pretrained; tells save_pretrained the tokenizer
+        self.apply(self._init_weights)
+        # GPT-2 scales the init of the projections that write into the residual stream by depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # parameters() yields the tied weight once
+
+    # ------------------------------------------------------------------ forward
+
+    def hidden_states(self, idx, position_ids=None, attn_mask=None, cache: KVCache | None = None):
+        """Final-LayerNorm output [B, T, C]. With a cache, pass position_ids and attn_mask too."""
+        T = idx.size(1)
+        if position_ids is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of length {T} exceeds the context of {self.config.block_size}")
+            position_ids = torch.arange(T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
+        for block in self.transformer.h:
+            if self.config.grad_checkpointing and self.training:
+                x = checkpoint(block, x, attn_mask, cache, use_reentrant=False)
+            else:
+                x = block(x, attn_mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None, *, reduction: str = "mean", targets_only: bool = False):
+        """Returns (logits, loss). Targets are already shifted (targets[:, t] follows idx[:, t]);
+        IGNORE_INDEX marks positions without one. reduction "sum" lets a training step divide by
+        the target tokens of all its micro-batches. targets_only runs the vocabulary head only
+        where a target exists, returning logits of shape [n_targets, vocab]: in SFT most
+        positions are the masked prompt or padding, and the head is the largest matmul."""
+        h = self.hidden_states(idx)
+        if targets is None:
+            return self.lm_head(h), None
+        if targets_only:
+            keep = targets != IGNORE_INDEX
+            logits = self.lm_head(h[keep])
+            return logits, F.cross_entropy(logits, targets[keep], reduction=reduction)
+        logits = self.lm_head(h)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction=reduction)
+        return logits, loss
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, eot_id: int | None = None,
+                 seed: int | None = None, use_cache: bool = True) -> list[list[int]]:
+        """Continue each prompt; returns the new tokens of each, without the EOT that ended it.
+
+        Prompts of different lengths share a batch by left padding: padded positions are masked
+        out of attention and do not advance the position ids, so each row computes what it
+        would compute alone. temperature 0 is greedy decoding. Prompts longer than
+        block_size - max_new_tokens keep their last tokens.
+        """
+        budget = self.config.block_size - max_new_tokens
+        if budget < 1 or not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("need non-empty prompts and max_new_tokens < block_size")
+        device = self.lm_head.weight.device
+        prompts = [list(p)[-budget:] for p in prompts]
+        B, P = len(prompts), max(len(p) for p in prompts)
+        tokens = torch.zeros((B, P), dtype=torch.long, device=device)
+        valid = torch.zeros((B, P), dtype=torch.bool, device=device)  # False on left padding
+        for row, p in enumerate(prompts):
+            tokens[row, P - len(p):] = torch.tensor(p, device=device)
+            valid[row, P - len(p):] = True
+        cache = KVCache(self.config, B, P + max_new_tokens, device, self.lm_head.weight.dtype) if use_cache else None
+        generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            start = cache.length if cache is not None else 0  # positions already in the cache
+            mask = _attention_mask(valid, start)
+            positions = (valid.cumsum(-1) - 1).clamp(min=0)[:, start:]
+            h = self.hidden_states(tokens[:, start:], positions, mask, cache)
+            logits = self.lm_head(h[:, -1]).float()
+            next_token = _sample(logits, temperature, top_k, top_p, generator)
+            if eot_id is not None:
+                next_token = torch.where(finished, eot_id, next_token)
+                finished |= next_token == eot_id
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
+            if finished.all():
+                break
+        return [_strip_after_eot(row[P:].tolist(), eot_id) for row in tokens]
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, **overrides) -> "GPT":
+        """Load a HF GPT-2 checkpoint: a local folder or a hub name such as "gpt2-medium".
+        `overrides` replace GPTConfig fields that do not change the weights (dropout, ...)."""
+        folder = resolve_checkpoint(source)
+        config = config_from_hf(folder)
+        for name, value in overrides.items():
+            setattr(config, name, value)
+        model = cls(config)
+        model.load_hf_state_dict(read_hf_state_dict(folder), origin=str(folder))
+        model.checkpoint_dir = folder
+        return model
+
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor], origin: str = "checkpoint") -> None:
+        """Copy HF-named GPT-2 weights into this model; any mismatch is an error that lists it."""
+        own = self.hf_state_dict()
+        state = _normalize_hf_keys(state, origin)
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        wrong_shape = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
+                       for k in own.keys() & state.keys() if state[k].shape != own[k].shape]
+        problems = [f"{what}: {_short_list(keys)}" for what, keys in
+                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)) if keys]
+        if problems:
+            raise UserError(f"{origin}: weights do not fit a GPT-2 of this config; " + "; ".join(problems))
+        with torch.no_grad():
+            for name, tensor in own.items():
+                tensor.copy_(state[name])
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """This model's weights under HF names and HF (Conv1D) orientation, as transposed views."""
+        params = dict(self.named_parameters())
+        state = {}
+        for name in _hf_weight_names(self.config.n_layer):
+            tensor = params[name]
+            state[name] = tensor.t() if _is_conv1d(name) else tensor
+        return state
+
+    def save_pretrained(self, folder: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> None:
+        """Write config.json + model.safetensors (+ vocab.json/merges.txt when the tokenizer is
+        known) that transformers.GPT2LMHeadModel.from_pretrained loads."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.hf_state_dict().items()}
+        _write_atomic(folder / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        config = json.dumps(config_to_hf(self.config), indent=2)
+        _write_atomic(folder / "config.json", lambda p: Path(p).write_text(config))
+        tokenizer_dir = tokenizer_dir or self.checkpoint_dir
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(Path(tokenizer_dir), folder)
+
+
+# ---------------------------------------------------------------------- generation helpers
+
+def _attention_mask(valid: torch.Tensor, start: int) -> torch.Tensor:
+    """Boolean mask [B, 1, T - start, T] for queries at positions start..T-1: causal, no padded
+    keys. Each query may always see itself, so rows of pure padding never become all -inf."""
+    T = valid.size(1)
+    q = torch.arange(start, T, device=valid.device)[:, None]
+    k = torch.arange(T, device=valid.device)[None, :]
+    return (((k <= q) & valid[:, None, :]) | (k == q))[:, None]
+
+
+def _sample(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token once the tokens before it already hold top_p of the mass (keeps at least one)
+        drop = probs.cumsum(dim=-1) - probs > top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+def _strip_after_eot(tokens: list[int], eot_id: int | None) -> list[int]:
+    return tokens[:tokens.index(eot_id)] if eot_id is not None and eot_id in tokens else tokens
+
+
+# ---------------------------------------------------------------------- HF checkpoint format
+
+HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_BLOCK_TENSORS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+                  "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                  "mlp.c_proj.weight", "mlp.c_proj.bias")
+
+
+def _hf_weight_names(n_layer: int) -> list[str]:
+    return (["transformer.wte.weight", "transformer.wpe.weight"]
+            + [f"transformer.h.{i}.{t}" for i in range(n_layer) for t in _BLOCK_TENSORS]
+            + ["transformer.ln_f.weight", "transformer.ln_f.bias"])
+
+
+def _is_conv1d(name: str) -> bool:
+    return name.endswith(_CONV1D)
+
+
+def _short_list(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _normalize_hf_keys(state: dict[str, torch.Tensor], origin: str) -> dict[str, torch.Tensor]:
+    """Accept the hub's bare keys (h.0...) and save_pretrained's (transformer.h.0...); drop the
+    attention-mask buffers old checkpoints carry; check that a stored lm_head is the tied wte."""
+    out = {}
+    for key, tensor in state.items():
+        if key.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # causal-mask buffers of old checkpoints (the weights' biases end in c_attn.bias etc.)
+        if not key.startswith(("transformer.", "lm_head.")):
+            key = "transformer." + key
+        out[key] = tensor
+    head = out.pop("lm_head.weight", None)
+    wte = out.get("transformer.wte.weight")
+    if head is not None and wte is not None and (head.shape != wte.shape or not torch.equal(head, wte)):
+        raise UserError(f"{origin}: lm_head.weight differs from wte; only tied GPT-2 heads are supported")
+    return out
+
+
+def resolve_checkpoint(source: str | os.PathLike) -> Path:
+    """A local checkpoint folder as is; a hub name downloaded (with a progress bar) to HF's cache."""
+    path = Path(source)
+    if path.is_dir():
+        return path
+    if path.exists() or os.sep in str(source) or str(source).startswith("."):
+        raise UserError(f"checkpoint folder {source} does not exist (or is not a folder)")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(repo_id=str(source), allow_patterns=[
+            "config.json", "model.safetensors", "vocab.json", "merges.txt"]))
+    except Exception as err:  # offline: a connection error or a missing-cache error, both the same to us
+        raise UserError(
+            f"cannot download {source!r} from the Hugging Face hub ({type(err).__name__}); pass a local "
+            "folder with config.json and model.safetensors (or pytorch_model.bin) instead"
+        ) from None
+
+
+def read_hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    safetensors_file, bin_file = folder / "model.safetensors", folder / "pytorch_model.bin"
+    try:
+        if safetensors_file.is_file():
+            from safetensors.torch import load_file
+            return load_file(safetensors_file)
+        if bin_file.is_file():
+            return torch.load(bin_file, map_location="cpu", weights_only=True)  # never plain pickle
+    except Exception as err:
+        bad = safetensors_file if safetensors_file.is_file() else bin_file
+        raise UserError(f"{bad}: cannot read the weights ({type(err).__name__}: {err}); "
+                        "the file is damaged or incomplete, download or save it again") from None
+    raise UserError(f"{folder}: no model.safetensors or pytorch_model.bin")
+
+
+def config_from_hf(folder: Path) -> GPTConfig:
+    path = folder / "config.json"
+    try:
+        hf = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot read the model config ({err})") from None
+    if not isinstance(hf, dict) or hf.get("model_type", "gpt2") != "gpt2":
+        raise UserError(f"{path}: not a GPT-2 config (model_type {hf.get('model_type') if isinstance(hf, dict) else None!r})")
+    missing = [k for k in ("n_layer", "n_head", "n_embd", "vocab_size") if not isinstance(hf.get(k), int)]
+    if missing:
+        raise UserError(f"{path}: missing or non-integer {', '.join(missing)}")
+    unsupported = {"activation_function": hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"),
+                   "scale_attn_by_inverse_layer_idx": bool(hf.get("scale_attn_by_inverse_layer_idx")),
+                   "scale_attn_weights": hf.get("scale_attn_weights", True) is not True,
+                   "add_cross_attention": bool(hf.get("add_cross_attention"))}
+    if any(unsupported.values()):
+        names = [k for k, bad in unsupported.items() if bad]
+        raise UserError(f"{path}: unsupported GPT-2 variant ({', '.join(f'{k}={hf.get(k)!r}' for k in names)})")
+    if hf["n_embd"] % hf["n_head"]:
+        raise UserError(f"{path}: n_embd {hf['n_embd']} is not divisible by n_head {hf['n_head']}")
+    return GPTConfig(block_size=hf.get("n_positions", hf.get("n_ctx", 1024)), vocab_size=hf["vocab_size"],
+                     n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                     layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
+
+
+def config_to_hf(config: GPTConfig) -> dict:
+    eot = config.vocab_size - 1  # <|endoftext|> is GPT-2's last token
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
+            "n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
+            "n_positions": config.block_size, "n_ctx": config.block_size, "vocab_size": config.vocab_size,
+            "layer_norm_epsilon": config.layer_norm_epsilon, "resid_pdrop": config.dropout,
+            "embd_pdrop": config.dropout, "attn_pdrop": config.dropout, "bos_token_id": eot,
+            "eos_token_id": eot, "initializer_range": 0.02, "tie_word_embeddings": True}
+
+
+def copy_tokenizer_files(source: Path, folder: Path) -> None:
+    """vocab.json + merges.txt under HF's names (OpenAI's encoder.json + vocab.bpe are the same data)."""
+    files = tokenizer_files(source)
+    for src, hf_name in zip(files or (), ("vocab.json", "merges.txt")):
+        if src.resolve() != (folder / hf_name).resolve():
+            data = src.read_bytes()
+            _write_atomic(folder / hf_name, lambda p: Path(p).write_bytes(data))
+
+
+def _write_atomic(path: Path, write) -> None:
+    """write(tmp_path), then rename over path: a crash leaves the old file or the new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,110 @@
+"""GPT-2's byte-level BPE through tiktoken, from a checkpoint folder's vocab.json + merges.txt or
+from tiktoken's own "gpt2" encoding.
+
+HF's vocab.json is OpenAI's encoder.json: token strings written in GPT-2's printable stand-ins for
+bytes, mapped to ids. For GPT-2 the id of a token is also its merge rank, which is exactly what
+tiktoken wants, so we only undo the byte encoding and check the ranks against merges.txt.
+"""
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import tiktoken
+
+from errors import UserError
+
+ENDOFTEXT = "<|endoftext|>"
+# GPT-2's pre-tokenisation pattern (tiktoken's r50k_base / gpt2).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from each byte to a printable character (printable bytes map to themselves)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+class Tokenizer:
+    """encode(text) -> ids, decode(ids) -> text, and the id of <|endoftext|>."""
+
+    def __init__(self, encoding: tiktoken.Encoding):
+        self.encoding = encoding
+        self.eot_id = encoding.eot_token
+        self.vocab_size = encoding.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        """Like HF's GPT2TokenizerFast: a literal "<|endoftext|>" in the text becomes the EOT id."""
+        return self.encoding.encode(text, allowed_special="all")
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Encode user text in which "<|endoftext|>" is just characters, never the EOT token."""
+        return self.encoding.encode_ordinary(text)
+
+    def decode(self, ids) -> str:
+        return self.encoding.decode(list(ids))
+
+
+def _encoding_from_files(vocab_path: Path, merges_path: Path) -> tiktoken.Encoding:
+    byte_of = {char: b for b, char in bytes_to_unicode().items()}
+    try:
+        vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+        merges = [line.split() for line in merges_path.read_text(encoding="utf-8").splitlines()[1:] if line]
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read tokenizer files in {vocab_path.parent}: {err}") from None
+    if ENDOFTEXT not in vocab:
+        raise UserError(f"{vocab_path}: no {ENDOFTEXT} token; is this a GPT-2 vocab.json?")
+    try:
+        ranks = {bytes(byte_of[c] for c in token): i for token, i in vocab.items() if token != ENDOFTEXT}
+    except KeyError:
+        raise UserError(f"{vocab_path}: not a GPT-2 byte-level vocabulary") from None
+    # tiktoken merges by rank, HF by merges.txt order; both agree only if the merged tokens'
+    # ids follow that order, as they do in every GPT-2 checkpoint.
+    ids = [vocab.get("".join(pair), -1) for pair in merges]
+    if any(len(p) != 2 for p in merges) or ids != sorted(ids) or -1 in ids:
+        raise UserError(f"{merges_path} does not match {vocab_path}: merge order and token ids disagree")
+    return tiktoken.Encoding(
+        name=f"gpt2-bpe:{vocab_path.parent}",
+        pat_str=GPT2_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: vocab[ENDOFTEXT]},
+        explicit_n_vocab=len(vocab),
+    )
+
+
+def tokenizer_files(folder: Path) -> tuple[Path, Path] | None:
+    """(vocab, merges) in a folder, under HF's names or OpenAI's (encoder.json, vocab.bpe)."""
+    for vocab, merges in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
+        if (folder / vocab).is_file() and (folder / merges).is_file():
+            return folder / vocab, folder / merges
+    return None
+
+
+def load_tokenizer(source: str | os.PathLike | None = None) -> Tokenizer:
+    """A folder with vocab.json + merges.txt (any HF GPT-2 checkpoint), or tiktoken's "gpt2".
+
+    A hub model name (e.g. "gpt2-medium") or None means the standard GPT-2 vocabulary, which every
+    GPT-2 size shares.
+    """
+    if source is not None and Path(source).is_dir():
+        files = tokenizer_files(Path(source))
+        if files is None:
+            raise UserError(f"{source} has no vocab.json + merges.txt (or encoder.json + vocab.bpe)")
+        return Tokenizer(_encoding_from_files(*files))
+    try:
+        return Tokenizer(tiktoken.get_encoding("gpt2"))
+    except Exception as err:  # tiktoken raises requests/OSError/... when it cannot download
+        raise UserError(
+            "cannot load tiktoken's 'gpt2' vocabulary (offline?): pass --tokenizer DIR with vocab.json + "
+            f"merges.txt, or set TIKTOKEN_CACHE_DIR to a tiktoken cache ({type(err).__name__})"
+        ) from None
