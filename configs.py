@@ -15,7 +15,7 @@ import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Optional
 
-from errors import UserError
+from errors import ArgParser, UserError
 
 
 @dataclass
@@ -173,13 +173,8 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hint) -> N
         parser.add_argument(_flag(f.name), type=base, default=None)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would exit with a usage dump; we want one line
-        raise UserError(f"{message}; run with --help for the list of options")
-
-
 def build_parser(description: str) -> argparse.ArgumentParser:
-    parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default="tiny", help=f"preset: {', '.join(PRESETS)}")
     for cls in (GPTConfig, TrainConfig):
         group = parser.add_argument_group(cls.__name__)

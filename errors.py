@@ -3,6 +3,7 @@
 Every command-line entry point runs its `main` through `run_cli`, so bad input ends in one
 readable line on stderr and exit code 2 instead of a traceback.
 """
+import argparse
 import sys
 from typing import Callable
 
@@ -17,3 +18,10 @@ def run_cli(main: Callable[[], object]) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is a UserError (one line) instead of a usage dump."""
+
+    def error(self, message):
+        raise UserError(f"{message}; run with --help for the list of options")
