@@ -192,7 +192,9 @@ def parse_args(argv=None, description: str = "") -> tuple[str, GPTConfig, TrainC
         valid = ", ".join(a for action in parser._actions for a in action.option_strings if a.startswith("--"))
         raise UserError(f"unknown option(s) {' '.join(unknown)}; valid options: {valid}")
     model, train = preset(args.config)
-    given = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
+    # nargs="+" flags give lists; the dataclass fields are tuples (and must stay so to survive JSON)
+    given = {k: tuple(v) if isinstance(v, list) else v
+             for k, v in vars(args).items() if v is not None and k != "config"}
     model_names = {f.name for f in fields(GPTConfig)}
     model = replace(model, **{k: v for k, v in given.items() if k in model_names})
     train = replace(train, **{k: v for k, v in given.items() if k not in model_names})

@@ -6,6 +6,7 @@ shape (in, out); here they are plain nn.Linear (out, in), transposed on the way 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -210,9 +211,7 @@ class GPT(nn.Module):
         """Load a HF GPT-2 checkpoint: a local folder or a hub name such as "gpt2-medium".
         `overrides` replace GPTConfig fields that do not change the weights (dropout, ...)."""
         folder = resolve_checkpoint(source)
-        config = config_from_hf(folder)
-        for name, value in overrides.items():
-            setattr(config, name, value)
+        config = dataclasses.replace(config_from_hf(folder), **overrides)  # a misspelt field is a TypeError
         model = cls(config)
         model.load_hf_state_dict(read_hf_state_dict(folder), origin=str(folder))
         model.checkpoint_dir = folder
@@ -225,7 +224,7 @@ class GPT(nn.Module):
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         wrong_shape = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
-                       for k in own.keys() & state.keys() if state[k].shape != own[k].shape]
+                       for k in own if k in state and state[k].shape != own[k].shape]  # model order: wte first
         problems = [f"{what}: {_short_list(keys)}" for what, keys in
                     (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)) if keys]
         if problems:
