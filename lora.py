@@ -1,0 +1,470 @@
+"""LoRA for the GPT of model.py: wrap linears, freeze the rest, merge, report, save in PEFT's format.
+
+A wrapped linear computes y = W x + b + s * B(A(dropout(x))) with A [r, in] Kaiming-uniform,
+B [out, r] zero (so a fresh adapter changes nothing) and s = alpha / r (alpha / sqrt(r) with
+rsLoRA). `LoRALinear` subclasses nn.Linear and keeps the base `weight`/`bias` under their own
+names, so model.hf_state_dict() and save_pretrained() see the same base weights as before, and
+the adapter tensors are `...c_attn.lora_A.weight` / `...c_attn.lora_B.weight`, PEFT's names.
+
+On disk an adapter is what PEFT writes for GPT2LMHeadModel: adapter_config.json and
+adapter_model.safetensors with keys `base_model.model.transformer.h.{i}.{target}.lora_{A,B}.weight`.
+A and B have nn.Linear orientation there even though GPT-2's HF layers are Conv1D.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from configs import LORA_TARGETS
+from errors import UserError
+from model import _short_list, _write_atomic
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> GPT2LMHeadModel
+OPTIMIZER_BUFFERS = {"sgd": 0, "momentum": 1, "nesterov": 1, "adamw": 2}  # state tensors per parameter
+
+
+class LoRALinear(nn.Linear):
+    """An nn.Linear that adopts a base linear's parameters and adds a low-rank trainable update."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        # The nn.Linear shell is built on the meta device (no memory, no init), then takes over the
+        # base's own Parameter objects: same names, same storage, nothing copied.
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        self.weight, self.bias = base.weight, base.bias
+        like = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, **like)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, **like)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.rank, self.alpha, self.dropout_p, self.rslora = rank, alpha, dropout, rslora
+        self.scaling = alpha / (math.sqrt(rank) if rslora else rank)
+        self.merged = False  # True while B A is folded into weight: the branch must not run twice
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """PEFT's init: A like nn.Linear's default, B zero, so the model starts exactly at the base."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        xa = self.lora_A(self.lora_dropout(x))
+        # One addmm adds s * (xa B^T) to y: no separate scale and add over the wide [.., out] tensor.
+        out = torch.addmm(y.reshape(-1, y.size(-1)), xa.reshape(-1, xa.size(-1)), self.lora_B.weight.t(),
+                          alpha=self.scaling)
+        return out.view(y.shape)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B A in float32, the update that merging adds to weight."""
+        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.weight.copy_(self.weight.float() + self.delta_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight.copy_(self.weight.float() - self.delta_weight())
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, rslora={self.rslora}, "
+                f"merged={self.merged}")
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    """What apply_lora did (its arguments, normalised); stored with runs and adapters."""
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LORA_TARGETS
+    layers: tuple[int, ...] | None = None  # block indices; None = every block
+    rslora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def blocks(self, n_layer: int) -> tuple[int, ...]:
+        return tuple(range(n_layer)) if self.layers is None else self.layers
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "targets": list(self.targets),
+                "layers": None if self.layers is None else list(self.layers)}
+
+
+# ---------------------------------------------------------------------------- applying LoRA
+
+def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
+               targets: tuple[str, ...] | list[str] = LORA_TARGETS, layers: list[int] | tuple[int, ...] | None = None,
+               rslora: bool = False) -> LoRASettings:
+    """Wrap `targets` of the blocks `layers` (None = all; negative indices count from the end) in
+    LoRALinear, in place, and freeze everything else: afterwards the trainable parameters are
+    exactly the LoRA parameters. Returns the normalised settings."""
+    gpt = unwrap(model)
+    settings = _make_settings(gpt.config.n_layer, rank, alpha, dropout, targets, layers, rslora)
+    if lora_modules(gpt):
+        raise UserError("the model already has LoRA adapters; apply_lora once, on a model without them")
+    gpt.requires_grad_(False)
+    for i in settings.blocks(gpt.config.n_layer):
+        for target in settings.targets:
+            parent_name, child_name = target.split(".")
+            parent = getattr(gpt.transformer.h[i], parent_name)
+            setattr(parent, child_name, LoRALinear(getattr(parent, child_name), settings.rank, settings.alpha,
+                                                   settings.dropout, settings.rslora))
+    return settings
+
+
+def _make_settings(n_layer, rank, alpha, dropout, targets, layers, rslora) -> LoRASettings:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise UserError(f"LoRA rank must be a positive integer, got {rank!r}")
+    if not alpha > 0:
+        raise UserError(f"LoRA alpha must be positive, got {alpha!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise UserError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+    if isinstance(targets, str):
+        targets = (targets,)
+    unknown = sorted(set(targets) - set(LORA_TARGETS))
+    if unknown or not targets:
+        raise UserError(f"LoRA targets: unknown or none {unknown}; choose from {', '.join(LORA_TARGETS)}")
+    if layers is not None:
+        bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not -n_layer <= i < n_layer]
+        if bad or not layers:
+            raise UserError(f"LoRA layers {list(layers)}: need block indices in [{-n_layer}, {n_layer}) "
+                            f"for this {n_layer}-layer model")
+        layers = tuple(sorted({i % n_layer for i in layers}))
+        layers = None if len(layers) == n_layer else layers  # "all blocks" has one spelling
+    return LoRASettings(rank=rank, alpha=float(alpha), dropout=float(dropout),
+                        targets=tuple(t for t in LORA_TARGETS if t in targets), layers=layers, rslora=bool(rslora))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The GPT inside torch.compile's OptimizedModule and DDP's wrapper, so names have no prefix."""
+    while hasattr(model, "_orig_mod") or isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
+    return model
+
+
+_BLOCK_MODULE = re.compile(r"transformer\.h\.(\d+)\.(.+)")
+
+
+def lora_modules(model: nn.Module) -> dict[tuple[int, str], LoRALinear]:
+    """{(block index, target): module} of every LoRALinear, in module order."""
+    found = {}
+    for name, module in unwrap(model).named_modules():
+        if isinstance(module, LoRALinear):
+            layer, target = _BLOCK_MODULE.fullmatch(name).groups()
+            found[int(layer), target] = module
+    return found
+
+
+def lora_settings(model: nn.Module) -> LoRASettings | None:
+    """The LoRA applied to the model, read off its modules; None without LoRA."""
+    modules = lora_modules(model)
+    if not modules:
+        return None
+    kinds = {(m.rank, m.alpha, m.dropout_p, m.rslora) for m in modules.values()}
+    layers = sorted({layer for layer, _ in modules})
+    targets = [t for t in LORA_TARGETS if any(target == t for _, target in modules)]
+    if len(kinds) > 1 or len(modules) != len(layers) * len(targets):
+        raise UserError("the model's LoRA modules differ in rank/alpha or do not cover the same targets in "
+                        "every adapted block; apply LoRA with apply_lora only")
+    (rank, alpha, dropout, rslora), = kinds
+    return _make_settings(unwrap(model).config.n_layer, rank, alpha, dropout, targets, layers, rslora)
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold s * B A into each wrapped weight (inference/export); the branch is then skipped."""
+    for module in _require_lora(model).values():
+        module.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo merge_lora: subtract s * B A again and re-enable the branch."""
+    for module in _require_lora(model).values():
+        module.unmerge()
+
+
+def _require_lora(model: nn.Module) -> dict[tuple[int, str], LoRALinear]:
+    modules = lora_modules(model)
+    if not modules:
+        raise UserError("the model has no LoRA adapters; call apply_lora or load_adapter first")
+    return modules
+
+
+# ---------------------------------------------------------------------------- parameter report
+
+def param_report(model: nn.Module, optimizer: str, dtype_bytes: int = 4) -> dict:
+    """Parameter counts and the memory that weights, gradients and optimizer state will take.
+
+    Estimates assume `dtype_bytes` per element for weights, gradients and optimizer state (PyTorch
+    keeps grads and optimizer state in the parameter's dtype); gradients and state exist only for
+    trainable parameters. Activations are not included. Works without LoRA (full fine-tuning)."""
+    if optimizer not in OPTIMIZER_BUFFERS:
+        raise UserError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZER_BUFFERS)}")
+    gpt = unwrap(model)
+    params = list(gpt.parameters())  # a tied weight (wte = lm_head) is yielded once
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    by_target: dict[str, int] = {}
+    for (_, target), module in lora_modules(gpt).items():
+        by_target[target] = by_target.get(target, 0) + module.lora_A.weight.numel() + module.lora_B.weight.numel()
+    lora = sum(by_target.values())
+    buffers = OPTIMIZER_BUFFERS[optimizer]
+    memory = {"weights": total * dtype_bytes, "gradients": trainable * dtype_bytes,
+              "optimizer_state": trainable * buffers * dtype_bytes}
+    memory["total"] = sum(memory.values())
+    settings = lora_settings(gpt)
+    return {
+        "total": total, "trainable": trainable, "frozen": total - trainable, "lora": lora,
+        "trainable_fraction": trainable / total if total else 0.0,
+        "lora_by_target": by_target,
+        "lora_settings": settings.to_dict() if settings else None,
+        "optimizer": optimizer, "optimizer_buffers_per_param": buffers, "dtype_bytes": dtype_bytes,
+        "memory_bytes": memory,
+        "memory_mb": {k: round(v / 2**20, 2) for k, v in memory.items()},  # MB = 2**20 bytes
+    }
+
+
+def format_param_report(report: dict) -> str:
+    """A few lines for the start of training."""
+    mem = report["memory_bytes"]
+    lines = [f"parameters: total {_count(report['total'])}, trainable {_count(report['trainable'])} "
+             f"({100 * report['trainable_fraction']:.2f}%), LoRA {_count(report['lora'])}"]
+    if report["lora_by_target"]:
+        lines.append("  LoRA per target: " + ", ".join(f"{t} {_count(n)}" for t, n in report["lora_by_target"].items()))
+        if report["trainable"] != report["lora"]:
+            lines.append(f"  WARNING: {_count(report['trainable'] - report['lora'])} trainable parameters are not LoRA")
+    lines.append(f"memory estimate ({report['optimizer']}, {report['dtype_bytes']} bytes/value): weights "
+                 f"{_size(mem['weights'])}, gradients {_size(mem['gradients'])}, optimizer state "
+                 f"{_size(mem['optimizer_state'])}, total {_size(mem['total'])} (activations not included)")
+    return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:.1f} MB" if n_bytes >= 2**20 else f"{n_bytes / 2**10:.1f} KB"
+
+
+# ---------------------------------------------------------------------------- adapter state
+
+def _key(layer: int, target: str, matrix: str) -> str:
+    return f"{PEFT_PREFIX}transformer.h.{layer}.{target}.lora_{matrix}.weight"
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA tensors under PEFT's keys; detached views of the live parameters (clone to keep a
+    snapshot)."""
+    state = {}
+    for (layer, target), module in lora_modules(model).items():
+        state[_key(layer, target, "A")] = module.lora_A.weight.detach()
+        state[_key(layer, target, "B")] = module.lora_B.weight.detach()
+    return state
+
+
+def _expected_shapes(gpt: nn.Module, settings: LoRASettings) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the adapter that `settings` would give this model (nothing is changed)."""
+    shapes = {}
+    for layer in settings.blocks(gpt.config.n_layer):
+        for target in settings.targets:
+            linear = gpt.transformer.h[layer].get_submodule(target)
+            shapes[_key(layer, target, "A")] = (settings.rank, linear.in_features)
+            shapes[_key(layer, target, "B")] = (linear.out_features, settings.rank)
+    return shapes
+
+
+def _normalize_key(key: str) -> str:
+    """PEFT's key, from PEFT's own (GPT2LMHeadModel or GPT2Model base) or from bare module names."""
+    key = key.removeprefix(PEFT_PREFIX)
+    return PEFT_PREFIX + ("transformer." + key if key.startswith("h.") else key)
+
+
+def _check_state(expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor], origin: str) -> None:
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    wrong = sorted(f"{k} {tuple(state[k].shape)} != {expected[k]}"
+                   for k in expected.keys() & state.keys() if tuple(state[k].shape) != expected[k])
+    problems = [f"{label}: {_short_list(keys)}" for label, keys in
+                (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+    if problems:
+        raise UserError(f"{origin}: adapter does not fit this model and LoRA config; " + "; ".join(problems))
+
+
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], origin: str = "adapter state") -> None:
+    """Copy LoRA tensors (PEFT keys) into a model that already has the same LoRA applied."""
+    gpt = unwrap(model)
+    modules = _require_lora(gpt)
+    if any(m.merged for m in modules.values()):
+        raise UserError(f"{origin}: the model's adapters are merged; unmerge_lora before loading new ones")
+    state = {_normalize_key(k): v for k, v in state.items()}
+    _check_state(_expected_shapes(gpt, lora_settings(gpt)), state, origin)
+    with torch.no_grad():
+        for key, tensor in adapter_state_dict(gpt).items():
+            tensor.copy_(state[key])
+
+
+# ---------------------------------------------------------------------------- PEFT files
+
+def peft_config(settings: LoRASettings, base_model_name_or_path: str | None) -> dict:
+    """adapter_config.json as peft 0.21 reads it for GPT2LMHeadModel. Targets are written as full
+    module suffixes ("attn.c_proj"), which PEFT matches by suffix: "c_proj" alone would also catch
+    mlp.c_proj. fan_in_fan_out is true because GPT-2's HF layers are Conv1D."""
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings.rank,
+        "lora_alpha": int(settings.alpha) if float(settings.alpha).is_integer() else settings.alpha,
+        "lora_dropout": settings.dropout, "target_modules": list(settings.targets), "fan_in_fan_out": True,
+        "bias": "none", "use_rslora": settings.rslora, "use_dora": False, "lora_bias": False,
+        "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
+        "base_model_name_or_path": base_model_name_or_path, "layers_to_transform": None, "layers_pattern": None,
+    }
+    if settings.layers is not None:
+        config.update(layers_to_transform=list(settings.layers), layers_pattern="h")
+    return config
+
+
+def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: str | None) -> None:
+    """Write adapter_config.json + adapter_model.safetensors that peft.PeftModel.from_pretrained
+    loads onto transformers' GPT2LMHeadModel. Each file is written atomically."""
+    from safetensors.torch import save_file
+
+    settings = lora_settings(model)
+    if settings is None:
+        raise UserError("the model has no LoRA adapters to save; apply_lora or load_adapter first")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    _write_atomic(folder / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    text = json.dumps(peft_config(settings, base_model_name_or_path), indent=2, sort_keys=True)
+    _write_atomic(folder / ADAPTER_CONFIG, lambda p: Path(p).write_text(text))
+
+
+def read_adapter_config(folder: str | Path) -> dict:
+    """The adapter_config.json of an adapter folder, checked to be a LoRA one."""
+    path = Path(folder) / ADAPTER_CONFIG
+    if not Path(folder).is_dir():
+        raise UserError(f"adapter folder {folder} does not exist; pass a folder with {ADAPTER_CONFIG} "
+                        f"and {ADAPTER_WEIGHTS}")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot read the adapter config ({err})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise UserError(f"{path}: not a LoRA adapter (peft_type "
+                        f"{config.get('peft_type') if isinstance(config, dict) else None!r}, expected 'LORA')")
+    return config
+
+
+# PEFT options that change the computation in ways this model does not implement (set = in use).
+_UNSUPPORTED = ("use_dora", "lora_bias", "modules_to_save", "rank_pattern", "alpha_pattern", "layer_replication",
+                "trainable_token_indices", "target_parameters", "use_qalora", "alora_invocation_tokens")
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def settings_from_peft_config(config: dict, n_layer: int, origin: str = ADAPTER_CONFIG) -> LoRASettings:
+    """LoRASettings from a PEFT LoRA config for an n_layer GPT-2, matching modules as PEFT does."""
+    unsupported = [f"{k}={config[k]!r}" for k in _UNSUPPORTED if config.get(k)]
+    if config.get("bias", "none") not in (None, "none"):
+        unsupported.append(f"bias={config['bias']!r}")
+    if str(config.get("init_lora_weights")).lower().startswith(_BASE_CHANGING_INITS):
+        # these inits also rewrite the base weights; PEFT can save them converted to plain LoRA
+        unsupported.append(f"init_lora_weights={config['init_lora_weights']!r} (save it with PEFT's "
+                           "path_initial_model_for_weight_conversion)")
+    if unsupported:
+        raise UserError(f"{origin}: unsupported PEFT LoRA options {', '.join(unsupported)}; "
+                        "only plain LoRA (optionally rsLoRA) on GPT-2's linears is supported")
+    try:
+        chosen = {(i, t) for i in range(n_layer) for t in LORA_TARGETS
+                  if _peft_selects(config, f"transformer.h.{i}.{t}")}
+    except (re.error, TypeError, ValueError) as err:
+        raise UserError(f"{origin}: cannot interpret target_modules/exclude_modules/layers_to_transform "
+                        f"({type(err).__name__}: {err})") from None
+    layers = sorted({i for i, _ in chosen})
+    targets = [t for t in LORA_TARGETS if any(t == target for _, target in chosen)]
+    if not chosen:
+        raise UserError(f"{origin}: target_modules {config.get('target_modules')!r} with layers_to_transform "
+                        f"{config.get('layers_to_transform')!r} select no linear of this {n_layer}-layer GPT-2")
+    if len(chosen) != len(layers) * len(targets):
+        raise UserError(f"{origin}: the adapter targets different modules in different blocks; only the same "
+                        "targets in every adapted block are supported")
+    try:
+        return _make_settings(n_layer, config.get("r", 8), config.get("lora_alpha", 8),
+                              config.get("lora_dropout", 0.0), targets, layers, config.get("use_rslora", False))
+    except (UserError, TypeError) as err:
+        raise UserError(f"{origin}: {err}") from None
+
+
+def _peft_selects(config: dict, key: str) -> bool:
+    """Whether PEFT (tuners_utils.check_target_module_exists) would adapt the module `key` of
+    GPT2LMHeadModel: target_modules as a full-match regex or as names/suffixes, minus
+    exclude_modules, limited to layers_to_transform (the index after "h", GPT-2's layers_pattern)."""
+    def matches(spec) -> bool:
+        if not spec:
+            return False
+        if spec == "all-linear":  # PEFT's shorthand: every linear but the output head
+            return True
+        if isinstance(spec, str):
+            return re.fullmatch(spec, key) is not None
+        return key in spec or any(key.endswith("." + name) for name in spec)
+
+    if matches(config.get("exclude_modules")) or not matches(config.get("target_modules")):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or isinstance(config.get("target_modules"), str) or layers == []:
+        return True
+    pattern = config.get("layers_pattern") or "h"
+    if pattern not in ("h", ["h"]):
+        return False  # no other layer list exists in GPT-2
+    layer = int(key.split(".")[2])
+    return layer == layers if isinstance(layers, int) else layer in layers
+
+
+def read_adapter_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """adapter_model.safetensors (or PEFT's older adapter_model.bin) of an adapter folder."""
+    folder = Path(folder)
+    safetensors_file, bin_file = folder / ADAPTER_WEIGHTS, folder / "adapter_model.bin"
+    path = safetensors_file if safetensors_file.is_file() or not bin_file.is_file() else bin_file
+    try:
+        if path is bin_file:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        from safetensors.torch import load_file
+        return load_file(path)
+    except FileNotFoundError:
+        raise UserError(f"{folder}: no {ADAPTER_WEIGHTS}; the adapter folder is incomplete") from None
+    except Exception as err:
+        raise UserError(f"{path}: cannot read the adapter weights ({type(err).__name__}: {err}); "
+                        "the file is damaged or incomplete, save it again") from None
+
+
+def load_adapter(model: nn.Module, folder: str | Path) -> LoRASettings:
+    """Apply the LoRA described by a PEFT adapter folder (unless the model already has exactly it)
+    and load its weights. Everything is checked before the model is changed."""
+    gpt = unwrap(model)
+    config = read_adapter_config(folder)
+    settings = settings_from_peft_config(config, gpt.config.n_layer, origin=str(Path(folder) / ADAPTER_CONFIG))
+    state = {_normalize_key(k): v for k, v in read_adapter_weights(folder).items()}
+    origin = str(Path(folder) / ADAPTER_WEIGHTS)
+    _check_state(_expected_shapes(gpt, settings), state, origin)
+    current = lora_settings(gpt)
+    if current is None:
+        apply_lora(gpt, **asdict(settings))
+    elif current != settings:
+        raise UserError(f"{folder}: the model already has a different LoRA ({current}); the adapter needs {settings}")
+    load_adapter_state_dict(gpt, state, origin)
+    return settings
