@@ -21,7 +21,11 @@ def run_cli(main: Callable[[], object]) -> None:
 
 
 class ArgParser(argparse.ArgumentParser):
-    """argparse, but a bad command line is a UserError (one line) instead of a usage dump."""
+    """argparse, but a bad command line is a UserError (one line) instead of a usage dump, and
+    no abbreviations: `--ran 8` is an error, not a silent `--rank 8`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         raise UserError(f"{message}; run with --help for the list of options")

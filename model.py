@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -177,8 +178,16 @@ class GPT(nn.Module):
         budget = self.config.block_size - max_new_tokens
         if budget < 1 or not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("need non-empty prompts and max_new_tokens < block_size")
-        device = self.lm_head.weight.device
         prompts = [list(p)[-budget:] for p in prompts]
+        was_training = self.training
+        self.eval()  # no dropout while generating
+        try:
+            return self._generate(prompts, max_new_tokens, temperature, top_k, top_p, eot_id, seed, use_cache)
+        finally:
+            self.train(was_training)
+
+    def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, eot_id, seed, use_cache):
+        device = self.lm_head.weight.device
         B, P = len(prompts), max(len(p) for p in prompts)
         tokens = torch.zeros((B, P), dtype=torch.long, device=device)
         valid = torch.zeros((B, P), dtype=torch.bool, device=device)  # False on left padding
@@ -292,6 +301,7 @@ def _strip_after_eot(tokens: list[int], eot_id: int | None) -> list[int]:
 # ---------------------------------------------------------------------- HF checkpoint format
 
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "gpt2", "openai-community/gpt2"; not "./x", "a/b/c"
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _BLOCK_TENSORS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
                   "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
@@ -335,7 +345,7 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
     path = Path(source)
     if path.is_dir():
         return path
-    if path.exists() or os.sep in str(source) or str(source).startswith("."):
+    if path.exists() or not _HUB_ID.match(str(source)):
         raise UserError(f"checkpoint folder {source} does not exist (or is not a folder)")
     try:
         from huggingface_hub import snapshot_download

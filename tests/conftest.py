@@ -16,6 +16,9 @@ from tokenizer import ENDOFTEXT, bytes_to_unicode  # noqa: E402
 
 SHARED_ASSETS = ROOT.parent / "shared" / "assets"
 
+# The tests' models are tiny: one thread is faster than two, and immune to other load on the machine.
+torch.set_num_threads(1)
+
 # A handful of merges, enough to exercise multi-byte tokens; ids follow merge order like GPT-2's.
 TINY_MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n", "Ġ s", "r e", "a t", "e n", "Ġ w",
                "Ġ o", "i s", "Ġ i", "o u", "a n", "e s", "Ġ c", "Ġ b", "in g", "Ġ 1", "Ġ 2", "1 2"]

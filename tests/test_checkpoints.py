@@ -300,6 +300,20 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.parametrize("source", ["openai-community/gpt2", "./no-such-folder", "a/b/c"])
+def test_org_slash_name_goes_to_the_hub_and_paths_do_not(monkeypatch, tmp_path, source):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    message = load_error(source)
+    if source.count("/") == 1 and not source.startswith("."):
+        assert_mentions(message, "hub", "local folder")
+    else:
+        assert_mentions(message, "does not exist")
+
+
 def test_hub_name_without_offline_flag_fails_fast(tmp_path):
     """No HF_HUB_OFFLINE: the download is tried and must fail quickly and cleanly when the hub
     cannot be reached (simulated by pointing HF_ENDPOINT at a closed local port, so that the

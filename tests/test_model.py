@@ -22,16 +22,6 @@ BLOCK = 32
 SHAPES = [pytest.param(5, 40, id="5-heads"), pytest.param(25, 100, id="25-heads")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second thread buys nothing and, on a busy 2-core machine, its
-    synchronisation made this file 7x slower (60 s instead of 8 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def hf_gpt2(n_head=5, n_embd=40, n_layer=2, dropout=0.0, attn="sdpa", gain=1.0, seed=0) -> GPT2LMHeadModel:
     """A random HF GPT-2 with every tensor random at unit scale: N(0, 1) embeddings, N(0, gain^2 /
     fan_in) linears, random biases and LayerNorms. At GPT-2's own init (std 0.02) logits are ~0.3
