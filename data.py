@@ -316,7 +316,10 @@ class LengthGroupedBatchSampler:
     length and cut into batches, and the batches are shuffled, so a batch holds examples of
     similar length (little padding) while the order stays random; the batch with the longest
     example goes first so that running out of memory happens at step 1, not hours in. Without it,
-    batches are consecutive runs of the shuffled indices.
+    batches are consecutive runs of the shuffled indices. Grouping pays on real data (Alpaca:
+    46% of the positions are padding in random batches of 8, 3.5% grouped), but where the length
+    gives away the kind of example, grouped batches hold one kind each and training suffers:
+    on synthetic.py's tasks, whose lengths vary little anyway, use group_by_length=False.
 
     Sharding (DDP): rank r takes batches r, r + world, ...; every rank gets len(self) batches, the
     last (< world) batches of the epoch are left out. Resume: set_epoch(epoch, skip_batches=k)

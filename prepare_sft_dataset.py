@@ -22,20 +22,15 @@ from pathlib import Path
 import numpy as np
 
 from data import atomic_write, encode_record, length_percentiles, parse_records
-from errors import UserError, run_cli
+from errors import ArgParser, UserError, run_cli
 from templates import DEFAULT_TEMPLATE, TEMPLATES, get_template
 from tokenizer import load_tokenizer
 
 ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2 through run_cli, not a usage dump
-        raise UserError(f"{message}; run with --help for the options")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", default=ALPACA_URL, help="JSON/JSONL file or http(s) URL")
     p.add_argument("--output-dir", default="data", help="where sft_train.json and sft_test.json go")
     p.add_argument("--test-size", default="0.05", help="number of test records (integer) or a fraction in (0, 1)")

@@ -40,7 +40,7 @@ from synthetic import exact_match, make_synthetic_split
 from templates import build_prompt
 from tokenizer import Tokenizer, load_tokenizer, tokenizer_files
 
-SYNTHETIC_SIZES = (20000, 500)  # train / test records of the built-in tasks
+SYNTHETIC_SIZES = (48000, 500)  # train / test records: 1500 steps of 32 see each training record once
 EXACT_MATCH_LIMIT = 200  # held-out synthetic prompts answered greedily at each evaluation
 
 
@@ -213,6 +213,7 @@ class Trainer:
         if len(self.train_set) == 0:
             raise UserError("no training examples left after tokenisation (all dropped as too long?)")
         self.sampler = LengthGroupedBatchSampler(self.train_set.lengths, train.batch_size, seed=train.seed,
+                                                 group_by_length=train.group_by_length,
                                                  num_replicas=ddp.world, rank=ddp.rank)
         self.steps_per_epoch = self.sampler.batches_per_epoch // train.grad_accum
         if self.steps_per_epoch == 0:
