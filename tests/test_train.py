@@ -195,7 +195,9 @@ def test_resume_is_bit_identical(run_args, monkeypatch, extra):
 
 
 def _signal_after_first_checkpoint(args, run_dir: Path, sig) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # one thread, like the tests' own process (conftest): the same float reduction order, so a
+    # run continued in-process can be compared bit for bit
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_sft.py"), *args, "--run-name", run_dir.name],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     latest = run_dir / "checkpoints" / "latest"
