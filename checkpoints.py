@@ -21,7 +21,7 @@ import torch
 import lora
 from configs import config_from_dict
 from errors import UserError
-from model import GPT
+from model import GPT, write_atomic
 from tokenizer import Tokenizer, load_tokenizer, tokenizer_files
 
 
@@ -43,7 +43,7 @@ def save_checkpoint(run_dir: Path, step: int, model: GPT, state: dict, base_mode
     torch.save(state, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)  # a re-run of the same step after a resume
     os.replace(tmp, final)
-    _write_text_atomic(root / "latest", final.name)
+    write_atomic(root / "latest", lambda p: Path(p).write_text(final.name))
     return final
 
 
@@ -95,8 +95,3 @@ def load_run_model(run_dir: Path, checkpoint: Path | None = None) -> tuple[GPT, 
     tokenizer = load_tokenizer(train.tokenizer or weights_dir)
     return model, tokenizer, hyperparams
 
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from configs import LORA_TARGETS
 from errors import UserError
-from model import _short_list, _write_atomic
+from model import short_list, write_atomic
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -301,7 +301,7 @@ def _check_state(expected: dict[str, tuple[int, ...]], state: dict[str, torch.Te
     unexpected = sorted(state.keys() - expected.keys())
     wrong = sorted(f"{k} {tuple(state[k].shape)} != {expected[k]}"
                    for k in expected.keys() & state.keys() if tuple(state[k].shape) != expected[k])
-    problems = [f"{label}: {_short_list(keys)}" for label, keys in
+    problems = [f"{label}: {short_list(keys)}" for label, keys in
                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
     if problems:
         raise UserError(f"{origin}: adapter does not fit this model and LoRA config; " + "; ".join(problems))
@@ -350,9 +350,9 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
-    _write_atomic(folder / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    write_atomic(folder / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     text = json.dumps(peft_config(settings, base_model_name_or_path), indent=2, sort_keys=True)
-    _write_atomic(folder / ADAPTER_CONFIG, lambda p: Path(p).write_text(text))
+    write_atomic(folder / ADAPTER_CONFIG, lambda p: Path(p).write_text(text))
 
 
 def read_adapter_config(folder: str | Path) -> dict:

@@ -234,7 +234,7 @@ class GPT(nn.Module):
         unexpected = sorted(set(state) - set(own))
         wrong_shape = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
                        for k in own if k in state and state[k].shape != own[k].shape]  # model order: wte first
-        problems = [f"{what}: {_short_list(keys)}" for what, keys in
+        problems = [f"{what}: {short_list(keys)}" for what, keys in
                     (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)) if keys]
         if problems:
             raise UserError(f"{origin}: weights do not fit a GPT-2 of this config; " + "; ".join(problems))
@@ -259,9 +259,9 @@ class GPT(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.hf_state_dict().items()}
-        _write_atomic(folder / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        write_atomic(folder / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
         config = json.dumps(config_to_hf(self.config), indent=2)
-        _write_atomic(folder / "config.json", lambda p: Path(p).write_text(config))
+        write_atomic(folder / "config.json", lambda p: Path(p).write_text(config))
         tokenizer_dir = tokenizer_dir or self.checkpoint_dir
         if tokenizer_dir is not None:
             copy_tokenizer_files(Path(tokenizer_dir), folder)
@@ -318,7 +318,7 @@ def _is_conv1d(name: str) -> bool:
     return name.endswith(_CONV1D)
 
 
-def _short_list(items: list[str], limit: int = 8) -> str:
+def short_list(items: list[str], limit: int = 8) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
 
@@ -414,10 +414,10 @@ def copy_tokenizer_files(source: Path, folder: Path) -> None:
     for src, hf_name in zip(files or (), ("vocab.json", "merges.txt")):
         if src.resolve() != (folder / hf_name).resolve():
             data = src.read_bytes()
-            _write_atomic(folder / hf_name, lambda p: Path(p).write_bytes(data))
+            write_atomic(folder / hf_name, lambda p: Path(p).write_bytes(data))
 
 
-def _write_atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write) -> None:
     """write(tmp_path), then rename over path: a crash leaves the old file or the new, never half."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
