@@ -29,9 +29,9 @@ from checkpoints import run_base_source
 from data import IGNORE_INDEX, SFTDataset, atomic_write, collate, load_records, load_sft_split
 from errors import UserError, run_cli
 from model import GPT, resolve_checkpoint
-from sample import (ArgumentParser, GenerationSettings, Loaded, add_generation_args, add_model_args, adapter_base,
-                    check_vocab, count_truncated_prompts, generate_responses, generation_settings, load_for_generation,
-                    load_weights, pick_device, prompt_record)
+from sample import (GenerationSettings, Loaded, add_generation_args, adapter_base, check_vocab, count_truncated_prompts,
+                    generate_responses, generation_settings, load_for_generation, load_weights, model_parser,
+                    pick_device, prepare_for_generation, prompt_record)
 
 DEFAULT_OUT = "eval_out"  # without --run
 
@@ -140,7 +140,7 @@ def loss_data(args, loaded: Loaded) -> Optional[LossData]:
         return None
     if train.dataset == "synthetic":
         from synthetic import make_synthetic_split
-        from train_sft import SYNTHETIC_SIZES  # the run's held-out split: same size, same seed
+        from synthetic import SYNTHETIC_SIZES  # the run's held-out split: same size, same seed
 
         return LossData("synthetic test split", records=make_synthetic_split(0, SYNTHETIC_SIZES[1], train.seed)[1])
     path = Path(train.data_dir) / "sft_test.json"
@@ -182,7 +182,8 @@ def base_source(args, loaded: Loaded) -> str:
 def evaluate_model(name: str, model: GPT, loaded: Loaded, prompts, args, settings: GenerationSettings,
                    test: Optional[LossData]) -> dict:
     """One model's responses and test loss."""
-    model.to(pick_device(args.device)).eval()
+    rows = min(args.batch_size, len(prompts) * args.samples_per_prompt)  # sequences decoded together
+    prepare_for_generation(model, pick_device(args.device), rows)
     budget = model.config.block_size - settings.max_new_tokens
     n_cut = count_truncated_prompts(loaded.tokenizer, prompts, loaded.template, max(budget, 1))
     if n_cut:
@@ -252,9 +253,7 @@ def print_summary(summary: dict) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_args(parser)
+    parser = model_parser(__doc__)
     parser.add_argument("--base", help="base model to compare with, HF folder or hub name (default: the run's "
                                        "init_from or base_model/, or the adapter's base)")
     parser.add_argument("--prompts", required=True,

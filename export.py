@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from checkpoints import latest_checkpoint, read_hyperparams, run_base_source
-from errors import UserError, run_cli
+from errors import ArgParser, UserError, run_cli
 from lora import load_adapter, merge_lora, read_adapter_config, save_adapter
 from model import GPT
 from tokenizer import tokenizer_files
@@ -111,13 +111,8 @@ def export(source: Source, merged_out: Path | None = None, adapter_out: Path | N
     return done
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2 via run_cli, not a usage dump
-        raise UserError(f"{message}; run with --help for the options")
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = _Parser(description=__doc__.split("\n\n")[0])
+    parser = ArgParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, help="run folder runs/NAME: its latest checkpoint is exported")
     parser.add_argument("--base", help="base model (hub name or HF folder); overrides the run's init_from")
     parser.add_argument("--adapter-dir", type=Path, help="PEFT adapter folder to apply to --base (instead of --run)")

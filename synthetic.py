@@ -93,6 +93,11 @@ def _key(record: dict) -> tuple[str, str]:
     return record["instruction"], record["input"]
 
 
+# train / test records of the built-in dataset: the `tiny` preset's 1500 steps of 32 see each
+# training record once. The test split is drawn first, so it does not depend on n_train.
+SYNTHETIC_SIZES = (48000, 500)
+
+
 def make_synthetic_split(n_train: int, n_test: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(train, test) records. Test instances are distinct, and no test instance (instruction +
     input) occurs in train; train may repeat an instance, as a sample from the task mix would."""

@@ -36,11 +36,10 @@ from data import LengthGroupedBatchSampler, SFTDataset, collate, load_sft_split
 from errors import UserError, run_cli
 from model import GPT, IGNORE_INDEX, read_hf_state_dict
 from plotting import RunFolderError, plot_run
-from synthetic import exact_match, make_synthetic_split
+from synthetic import SYNTHETIC_SIZES, exact_match, make_synthetic_split
 from templates import build_prompt
 from tokenizer import Tokenizer, load_tokenizer, tokenizer_files
 
-SYNTHETIC_SIZES = (48000, 500)  # train / test records: 1500 steps of 32 see each training record once
 EXACT_MATCH_LIMIT = 200  # held-out synthetic prompts answered greedily at each evaluation
 
 

@@ -1,15 +1,22 @@
 """Generation speed: this project's GPT.generate vs transformers' generate() on the same weights.
 
-    python bench/bench_generate.py [--batch-sizes 1 8] [--repeats 3] [--no-cache-batch-sizes 1]
+    python bench/bench_generate.py [--batch-sizes 1 8] [--repeats 3] [--no-cache-batch-sizes 1] [--threads N]
 
-GPT-2 (124M) shape with random weights, float32, greedy, 64-token prompts and exactly
---new-tokens new tokens (no EOS stopping on either side), one process. Prints one JSON object:
-tokens/s (new tokens of all rows / median wall time) per implementation and batch size, the ratio
-ours / transformers, ours with the KV cache off, and whether the two produced the same tokens.
+GPT-2 (124M) shape with random weights, float32 on CPU, greedy, 64-token prompts and exactly
+--new-tokens new tokens (no EOS stopping on either side), one process. Contenders:
+  ours           GPT.generate on a model as loaded (nn.Linear weights, [out, in] in memory)
+  ours_prepared  the same after sample.prepare_for_generation(rows=batch), as eval.py and
+                 sample.py run it (for 1-2 rows it stores the block weights [in, out])
+  hf             transformers' GPT2LMHeadModel.generate
+Prints one JSON object: tokens/s (new tokens of all rows / median wall time), the ratios to
+transformers, ours without the KV cache, and whether all produced the same tokens. Use
+--threads 1 on a shared machine: with idle cores missing, multi-threaded small matmuls wait
+for a descheduled worker and the timings measure the scheduler.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -22,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs import GPTConfig  # noqa: E402
 from model import GPT  # noqa: E402
+from sample import prepare_for_generation  # noqa: E402
 
 
 def build_models(seed: int):
@@ -49,39 +57,41 @@ def timed(fns: dict, repeats: int) -> dict:
     return {name: (statistics.median(times[name]), results[name]) for name in fns}
 
 
-def bench_batch(ours: GPT, hf, batch: int, prompt_len: int, new_tokens: int, repeats: int,
+def bench_batch(ours_model: GPT, hf, batch: int, prompt_len: int, new_tokens: int, repeats: int,
                 no_cache: bool) -> dict:
     prompts = torch.randint(0, 50000, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
     mask = torch.ones_like(prompts)
 
-    def run_ours(use_cache=True):
-        return ours.generate(prompts.tolist(), new_tokens, eot_id=None, use_cache=use_cache)
+    def ours(model, use_cache=True):
+        return lambda: model.generate(prompts.tolist(), new_tokens, eot_id=None, use_cache=use_cache)
 
     def run_hf():
         out = hf.generate(prompts, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                           do_sample=False)
         return out[:, prompt_len:].tolist()
 
-    with torch.inference_mode():
-        run_ours(), run_hf()  # warm-up: allocator, thread pool, first-call overheads
-        (t_ours, out_ours), (t_hf, out_hf) = timed({"ours": run_ours, "hf": run_hf}, repeats).values()
-    n = batch * new_tokens
-    assert all(len(row) == new_tokens for row in out_ours + out_hf), "a side stopped early"
-    same = sum(a == b for ra, rb in zip(out_ours, out_hf) for a, b in zip(ra, rb)) / n
-    result = {
-        "batch": batch,
-        "ours_tokens_per_s": round(n / t_ours, 1),
-        "hf_tokens_per_s": round(n / t_hf, 1),
-        "ratio_ours_over_hf": round(t_hf / t_ours, 3),
-        "tokens_equal_to_hf": round(same, 4),
-        "median_s": {"ours": round(t_ours, 3), "hf": round(t_hf, 3)},
-    }
+    models = {"ours": ours_model,
+              "ours_prepared": prepare_for_generation(copy.deepcopy(ours_model), "cpu", rows=batch)}
+    fns = {**{name: ours(model) for name, model in models.items()}, "hf": run_hf}
     if no_cache:  # each step recomputes the whole sequence: slow, so timed once
-        with torch.inference_mode():
-            ((t_nocache, out_nocache),) = timed({"no_cache": lambda: run_ours(use_cache=False)}, 1).values()
-        result.update(ours_no_cache_tokens_per_s=round(n / t_nocache, 1), kv_cache_speedup=round(t_nocache / t_ours, 2),
-                      no_cache_equals_cache=out_nocache == out_ours)
-        result["median_s"]["ours_no_cache"] = round(t_nocache, 3)
+        fns_no_cache = {"ours_no_cache": ours(models["ours"], use_cache=False)}
+    with torch.inference_mode():
+        for fn in fns.values():
+            fn()  # warm-up: allocator, thread pool, first-call overheads
+        timings = timed(fns, repeats)
+        if no_cache:
+            timings.update(timed(fns_no_cache, 1))
+    n = batch * new_tokens
+    outputs = {name: out for name, (_, out) in timings.items()}
+    assert all(len(row) == new_tokens for out in outputs.values() for row in out), "a run stopped early"
+    t_hf = timings["hf"][0]
+    result = {"batch": batch,
+              **{f"{name}_tokens_per_s": round(n / t, 1) for name, (t, _) in timings.items()},
+              **{f"ratio_{name}_over_hf": round(t_hf / timings[name][0], 3) for name in models},
+              "all_outputs_equal": all(out == outputs["hf"] for out in outputs.values()),
+              "median_s": {name: round(t, 3) for name, (t, _) in timings.items()}}
+    if no_cache:
+        result["kv_cache_speedup"] = round(timings["ours_no_cache"][0] / timings["ours"][0], 2)
     print(json.dumps(result), file=sys.stderr, flush=True)  # partial results, in case of a long run
     return result
 
@@ -103,13 +113,12 @@ def main() -> None:
     import transformers
 
     ours, hf = build_models(args.seed)
-    results = [bench_batch(ours, hf, b, args.prompt_len, args.new_tokens, args.repeats, b in args.no_cache_batch_sizes)
-               for b in args.batch_sizes]
+    results = [bench_batch(ours, hf, batch, args.prompt_len, args.new_tokens, args.repeats,
+                           no_cache=batch in args.no_cache_batch_sizes) for batch in args.batch_sizes]
     print(json.dumps({
-        "benchmark": "greedy generation, gpt2 124M shape, random weights, float32",
-        "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-        "repeats": args.repeats, "results": results,
+        "benchmark": "greedy generation, gpt2 124M shape, random weights, float32, CPU",
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats, "results": results,
     }, indent=2))
 
 

@@ -325,3 +325,17 @@ def test_sample_cli_prompt_flag_and_stdin(hf_checkpoint, adapter_dir, capsys, mo
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n"))
     sample.main(args[2:])  # --adapter alone: its adapter_config.json names the base
     assert capsys.readouterr().out == "".join(e + "\n" for e in expected)
+
+
+def test_prepare_for_generation_keeps_the_function(hf_checkpoint, adapter_dir):
+    model = sample.load_weights(str(hf_checkpoint), str(adapter_dir))
+    x = torch.randint(0, TINY_VOCAB_SIZE, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(x)[0]
+        sample.prepare_for_generation(model, "cpu", rows=1)
+        after = model(x)[0]
+    assert lora.lora_modules(model) and all(m.merged for m in lora.lora_modules(model).values())
+    c_fc = model.transformer.h[0].mlp.c_fc.weight
+    assert c_fc.shape == (128, 32) and c_fc.t().is_contiguous()  # [out, in] weight, [in, out] memory
+    # Merging adds s*B@A into W in float32: the same function up to rounding (logits ~1).
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
