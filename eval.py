@@ -26,7 +26,7 @@ import torch
 
 import reward
 from checkpoints import run_base_source
-from data import IGNORE_INDEX, SFTDataset, atomic_write, collate, load_records, load_sft_split
+from data import SFTDataset, atomic_write, collate, count_target_tokens, load_records, load_sft_split
 from errors import UserError, run_cli
 from model import GPT, resolve_checkpoint
 from sample import (GenerationSettings, Loaded, add_generation_args, adapter_base, check_vocab, count_truncated_prompts,
@@ -116,7 +116,7 @@ def response_loss(model: GPT, dataset: SFTDataset, pad_id: int, batch_size: int)
         x, y = collate([dataset[i] for i in order[start:start + batch_size]], pad_id)
         _, loss = model(x.to(device), y.to(device), reduction="sum", targets_only=True)
         total += loss.item()
-        n_targets += int((y != IGNORE_INDEX).sum())
+        n_targets += count_target_tokens(y)
     return total / n_targets
 
 

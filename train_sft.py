@@ -32,9 +32,9 @@ import lora
 import optim
 from checkpoints import latest_checkpoint, load_state, read_hyperparams, save_checkpoint
 from configs import GPTConfig, TrainConfig, config_from_dict, config_to_dict, parse_args
-from data import LengthGroupedBatchSampler, SFTDataset, collate, load_sft_split
+from data import LengthGroupedBatchSampler, SFTDataset, collate, count_target_tokens, load_sft_split
 from errors import UserError, run_cli
-from model import GPT, IGNORE_INDEX, read_hf_state_dict
+from model import GPT, read_hf_state_dict
 from plotting import RunFolderError, plot_run
 from synthetic import SYNTHETIC_SIZES, exact_match, make_synthetic_split
 from templates import build_prompt
@@ -195,7 +195,7 @@ class Stop(Exception):
 
 class Trainer:
 
-    def __init__(self, model_cfg: GPTConfig, train: TrainConfig, preset_name: str, run_dir: Path,
+    def __init__(self, model_cfg: GPTConfig, train: TrainConfig, run_dir: Path,
                  resume_state: dict | None, ddp: Dist, device: str):
         self.cfg, self.ddp, self.device, self.run_dir = train, ddp, device, run_dir
         self.device_type = device.split(":")[0]
@@ -238,7 +238,6 @@ class Trainer:
         if resume_state is not None:
             self._restore_progress(resume_state)
         self.base_model_name = train.init_from or str(run_dir / "base_model")
-        self.preset_name = preset_name
 
     # ------------------------------------------------------------------ resume
 
@@ -309,7 +308,7 @@ class Trainer:
 
     def train_step(self, batches: list) -> tuple[float, float, int, int]:
         """One optimizer step over `batches`; returns (mean loss, pre-clip grad norm, targets, tokens)."""
-        local_targets = sum(int((y != IGNORE_INDEX).sum()) for _, y, _ in batches)
+        local_targets = sum(count_target_tokens(y) for _, y, _ in batches)
         step_targets = self._all_sum(local_targets)
         loss_sum = torch.zeros((), device=self.device)
         for i, (x, y, _) in enumerate(batches):
@@ -353,7 +352,7 @@ class Trainer:
             with self.autocast():
                 _, loss = model(x.to(self.device), y.to(self.device), reduction="sum", targets_only=True)
             total += loss.float().item()
-            targets += int((y != IGNORE_INDEX).sum())
+            targets += count_target_tokens(y)
         result = {"val_loss": total / targets, "val_ppl": math.exp(min(total / targets, 50.0))}
         if self.cfg.dataset == "synthetic":
             result["exact_match"] = self.exact_match()
@@ -464,7 +463,7 @@ class Trainer:
 
 # ----------------------------------------------------------------------------- main
 
-def describe_run(trainer: Trainer, model_cfg: GPTConfig, train: TrainConfig, preset_name: str, ddp: Dist) -> dict:
+def describe_run(trainer: Trainer, train: TrainConfig, preset_name: str, ddp: Dist) -> dict:
     report = lora.param_report(trainer.raw_model, train.optimizer,
                                dtype_bytes=trainer.raw_model.lm_head.weight.element_size())
     return {"preset": preset_name, "config": config_to_dict(trainer.raw_model.config, train),
@@ -512,13 +511,13 @@ def main(argv=None) -> int:
     if resume_state is None and ddp.is_main:
         run_dir.mkdir(parents=True)
     torch.manual_seed(train.seed)
-    trainer = Trainer(model_cfg, train, preset_name, run_dir, resume_state, ddp, device)
+    trainer = Trainer(model_cfg, train, run_dir, resume_state, ddp, device)
     torch.manual_seed(train.seed + ddp.rank)  # dropout differs per rank, and is the same on every run
     if resume_state is not None:
         restore_rng(resume_state["rng"])
     if ddp.is_main:
         if resume_state is None:
-            write_json_atomic(run_dir / "hyperparams.json", describe_run(trainer, model_cfg, train, preset_name, ddp))
+            write_json_atomic(run_dir / "hyperparams.json", describe_run(trainer, train, preset_name, ddp))
             if train.lora and not train.init_from:
                 trainer.raw_model.save_pretrained(run_dir / "base_model", tokenizer_dir=train.tokenizer)
         print(lora.format_param_report(read_hyperparams(run_dir)["params"]))

@@ -102,7 +102,7 @@ def test_loss_is_per_target_token_across_micro_batches(run_args, tmp_path):
                                                  "--grad-clip", "0"])
     grads = []
     for split in ([0, 1, 2, 3], [0, 1], [2, 3]), ([0, 1, 2, 3],):
-        trainer = train_sft.Trainer(model_cfg, train, "tiny", tmp_path / f"r{len(split)}", None,
+        trainer = train_sft.Trainer(model_cfg, train, tmp_path / f"r{len(split)}", None,
                                     train_sft.Dist(), "cpu")
         batches = []
         for indices in split[1:] if len(split) == 3 else split:
