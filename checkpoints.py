@@ -21,7 +21,8 @@ import torch
 import lora
 from configs import config_from_dict
 from errors import UserError
-from model import GPT, write_atomic
+from files import write_text_atomic
+from model import GPT
 from tokenizer import Tokenizer, load_tokenizer, tokenizer_files
 
 
@@ -43,7 +44,7 @@ def save_checkpoint(run_dir: Path, step: int, model: GPT, state: dict, base_mode
     torch.save(state, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)  # a re-run of the same step after a resume
     os.replace(tmp, final)
-    write_atomic(root / "latest", lambda p: Path(p).write_text(final.name))
+    write_text_atomic(root / "latest", final.name)
     return final
 
 

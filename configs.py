@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import json
 import typing
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
 from errors import ArgParser, UserError

@@ -15,14 +15,14 @@ import hashlib
 import json
 import math
 import os
-import secrets
 import zipfile
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
 from errors import UserError
+from files import write_atomic
 from templates import build_prompt, get_template
 
 IGNORE_INDEX = -100  # label of a position that is not a target (prompt or padding)
@@ -129,22 +129,6 @@ def load_records(path: str | os.PathLike) -> list[dict]:
     return parse_records(raw, str(path))
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: readers (and a crash
-    half-way) see either the old file or the complete new one, never a part."""
-    path = Path(path)
-    # A unique name opened with "x" rather than mkstemp, whose files are private (0600): the
-    # result should have the permissions any new file gets.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 # ----------------------------------------------------------------------------- tokenisation
 
 def encode_record(record: dict, tokenizer, template: str) -> tuple[list[int], int]:
@@ -245,7 +229,7 @@ class SFTDataset:
     def save(self, path: Path, key: str) -> None:
         arrays = dict(ids=self.ids, offsets=self.offsets, n_masked=self.n_masked, source_index=self.source_index,
                       key=np.array(key), stats=np.array(json.dumps(self.stats)))
-        atomic_write(path, lambda f: np.savez(f, **arrays))
+        write_atomic(path, lambda tmp: _save_npz(tmp, arrays))
 
     @classmethod
     def load(cls, path: Path, key: str) -> Optional["SFTDataset"]:
@@ -257,6 +241,11 @@ class SFTDataset:
                 return cls(z["ids"], z["offsets"], z["n_masked"], z["source_index"], json.loads(str(z["stats"])))
         except (OSError, KeyError, ValueError, zipfile.BadZipFile):
             return None
+
+
+def _save_npz(path: Path, arrays: dict) -> None:
+    with open(path, "wb") as f:  # a file object: given a path, np.savez would append '.npz' to it
+        np.savez(f, **arrays)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

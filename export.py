@@ -11,7 +11,6 @@ files; the adapter folder loads with peft.PeftModel.from_pretrained on top of th
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from configs import GPTConfig
 from errors import UserError
+from files import write_atomic, write_text_atomic
 from tokenizer import tokenizer_files
 
 IGNORE_INDEX = -100  # target value of positions that do not count in the loss
@@ -259,9 +260,9 @@ class GPT(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.hf_state_dict().items()}
-        write_atomic(folder / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        write_atomic(folder / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
         config = json.dumps(config_to_hf(self.config), indent=2)
-        write_atomic(folder / "config.json", lambda p: Path(p).write_text(config))
+        write_text_atomic(folder / "config.json", config)
         tokenizer_dir = tokenizer_dir or self.checkpoint_dir
         if tokenizer_dir is not None:
             copy_tokenizer_files(Path(tokenizer_dir), folder)
@@ -414,14 +415,4 @@ def copy_tokenizer_files(source: Path, folder: Path) -> None:
     for src, hf_name in zip(files or (), ("vocab.json", "merges.txt")):
         if src.resolve() != (folder / hf_name).resolve():
             data = src.read_bytes()
-            write_atomic(folder / hf_name, lambda p: Path(p).write_bytes(data))
-
-
-def write_atomic(path: Path, write) -> None:
-    """write(tmp_path), then rename over path: a crash leaves the old file or the new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            write_atomic(folder / hf_name, lambda tmp: tmp.write_bytes(data))

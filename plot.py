@@ -24,7 +24,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from errors import ArgParser, UserError, run_cli
-from plotting import (LOSS_LABEL, Panel, Run, RunFolderError, atomic_write, curves_figure,
+from files import write_text_atomic
+from plotting import (LOSS_LABEL, Panel, Run, RunFolderError, curves_figure,
                       finish_figure, load_run, new_figure, run_style, save_figure)
 
 COMPARE_DIR = "_compare"
@@ -255,7 +256,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         written.append(filename)
     table = markdown_table(runs)
     for filename, text in (("runs.md", table), ("runs.csv", csv_table(runs))):
-        atomic_write(out / filename, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        write_text_atomic(out / filename, text)
         written.append(filename)
     print(table, end="")
     print(f"wrote {len(runs)} run(s) to {out}/: {', '.join(written)}", file=sys.stderr)

@@ -13,11 +13,9 @@ to close, safe to call from inside a training loop.
 from __future__ import annotations
 
 import json
-import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -25,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
 from errors import UserError
+from files import write_atomic
 
 
 class RunFolderError(UserError):
@@ -341,18 +340,8 @@ def curves_figure(runs: Sequence[Run], panels: Sequence[Panel], x: str = "step",
     return finish_figure(fig, title, legend)
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) then rename over `path`: a reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_figure(fig: Figure, path: Path) -> None:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 # ----------------------------------------------------------------------------- one run's figures

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data import atomic_write, encode_record, length_percentiles, parse_records
+from data import encode_record, length_percentiles, parse_records
 from errors import ArgParser, UserError, run_cli
+from files import write_text_atomic
 from templates import DEFAULT_TEMPLATE, TEMPLATES, get_template
 from tokenizer import load_tokenizer
 
@@ -109,7 +110,7 @@ def token_summary(records: list[dict], tokenizer, template: str, max_len: int) -
 
 
 def _write_json(path: Path, records: list[dict]) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(records, ensure_ascii=False, indent=2).encode("utf-8")))
+    write_text_atomic(path, json.dumps(records, ensure_ascii=False, indent=2))
 
 
 def main(argv=None) -> dict:
