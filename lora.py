@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from configs import LORA_TARGETS
 from errors import UserError
-from model import short_list, write_atomic
+from files import write_atomic, write_text_atomic
+from model import short_list
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -59,10 +60,12 @@ class LoRALinear(nn.Linear):
         if self.merged:
             return y
         xa = self.lora_A(self.lora_dropout(x))
-        # One addmm adds s * (xa B^T) to y: no separate scale and add over the wide [.., out] tensor.
-        out = torch.addmm(y.reshape(-1, y.size(-1)), xa.reshape(-1, xa.size(-1)), self.lora_B.weight.t(),
-                          alpha=self.scaling)
-        return out.view(y.shape)
+        # Add s * (xa B^T) into y in place: one addmm, and no second [.., out] activation (linear's
+        # backward needs its input and weight, never its output, so y may be overwritten). In-place
+        # ops skip autocast: B is cast to y's dtype by hand (a no-op in float32).
+        b_t = self.lora_B.weight.t().to(y.dtype)
+        y.view(-1, y.size(-1)).addmm_(xa.reshape(-1, xa.size(-1)).to(y.dtype), b_t, alpha=self.scaling)
+        return y
 
     def delta_weight(self) -> torch.Tensor:
         """s * B A in float32, the update that merging adds to weight."""
@@ -350,9 +353,9 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
-    write_atomic(folder / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    write_atomic(folder / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     text = json.dumps(peft_config(settings, base_model_name_or_path), indent=2, sort_keys=True)
-    write_atomic(folder / ADAPTER_CONFIG, lambda p: Path(p).write_text(text))
+    write_text_atomic(folder / ADAPTER_CONFIG, text)
 
 
 def read_adapter_config(folder: str | Path) -> dict:
