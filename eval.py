@@ -1,5 +1,6 @@
 """Evaluate a fine-tuned model against its base: reward-model win rate and test loss.
 
+    python eval.py --run runs/NAME                      # prompts: the instructions of the run's test split
     python eval.py --run runs/NAME --prompts ../shared/assets/prompts/prompts.csv --reward-model DIR
     python eval.py --model DIR --adapter DIR --base DIR --prompts prompts.txt --no-reward
 
@@ -26,8 +27,9 @@ import torch
 
 import reward
 from checkpoints import run_base_source
-from data import SFTDataset, atomic_write, collate, count_target_tokens, load_records, load_sft_split
+from data import SFTDataset, collate, count_target_tokens, load_records, load_sft_split
 from errors import UserError, run_cli
+from files import write_text_atomic
 from model import GPT, resolve_checkpoint
 from sample import (GenerationSettings, Loaded, add_generation_args, adapter_base, check_vocab, count_truncated_prompts,
                     generate_responses, generation_settings, load_for_generation, load_weights, model_parser,
@@ -135,9 +137,11 @@ def loss_data(args, loaded: Loaded) -> Optional[LossData]:
         return None
     if args.data:
         return LossData(args.data, records=load_records(args.data))
-    train = loaded.train
-    if train is None:
-        return None
+    return None if loaded.train is None else run_test_split(loaded.train)
+
+
+def run_test_split(train) -> LossData:
+    """The test split a run was evaluated on while it trained."""
     if train.dataset == "synthetic":
         from synthetic import make_synthetic_split
         from synthetic import SYNTHETIC_SIZES  # the run's held-out split: same size, same seed
@@ -145,8 +149,18 @@ def loss_data(args, loaded: Loaded) -> Optional[LossData]:
         return LossData("synthetic test split", records=make_synthetic_split(0, SYNTHETIC_SIZES[1], train.seed)[1])
     path = Path(train.data_dir) / "sft_test.json"
     if not path.is_file():
-        raise UserError(f"{path} (the run's test split) does not exist; pass --data FILE or --no-loss")
+        raise UserError(f"{path} (the run's test split) does not exist; pass --data FILE, or --prompts FILE with --no-loss")
     return LossData(str(path), data_dir=train.data_dir)
+
+
+def default_prompts(args, loaded: Loaded) -> list[dict]:
+    """Without --prompts: the instructions (and inputs) of the test records, --data or the run's."""
+    if args.data:
+        return [prompt_record(r) for r in load_records(args.data)]
+    if loaded.train is None:
+        raise UserError("no prompts: pass --prompts FILE (CSV, JSON or text), or --run/--data to use test records")
+    split = run_test_split(loaded.train)
+    return [prompt_record(r) for r in (split.records or load_records(split.source))]
 
 
 def build_test_set(test: LossData, loaded: Loaded, max_len: int) -> SFTDataset:
@@ -210,8 +224,7 @@ def score_responses(rm: reward.RewardModel, prompts, responses: list[list[str]],
 
 def write_json(path: Path, payload) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(payload, indent=2, ensure_ascii=False)
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False))
 
 
 def responses_payload(prompts, results: dict, settings: GenerationSettings, meta: dict,
@@ -256,9 +269,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = model_parser(__doc__)
     parser.add_argument("--base", help="base model to compare with, HF folder or hub name (default: the run's "
                                        "init_from or base_model/, or the adapter's base)")
-    parser.add_argument("--prompts", required=True,
-                        help="CSV with a prompt column, JSON list (strings or {instruction, input}), "
-                             "or text, one prompt per line")
+    parser.add_argument("--prompts", help="CSV with a prompt column, JSON list (strings or {instruction, input}), "
+                                          "or text, one prompt per line (default: the test records' prompts)")
     parser.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
     parser.add_argument("--data", help="test records (JSON/JSONL) for the loss (default: the run's test split)")
     parser.add_argument("--no-loss", action="store_true", help="skip the test loss")
@@ -286,11 +298,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     settings = generation_settings(args)
-    prompts = load_prompts(args.prompts)[:args.max_prompts]
+    prompts = load_prompts(args.prompts) if args.prompts else None
     # Everything that can fail without network or on a bad path fails here, before any generation:
     # the reward model, both models' weights, the test data.
     rm = None if args.no_reward else reward.load_reward_model(args.reward_model, "cpu")
     loaded = load_for_generation(args)
+    prompts = (prompts or default_prompts(args, loaded))[:args.max_prompts]
     base = base_source(args, loaded)
     base_folder = resolve_checkpoint(base)
     test = loss_data(args, loaded)

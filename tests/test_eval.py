@@ -208,6 +208,20 @@ def test_eval_run_folder_uses_the_runs_settings(tmp_path, hf_checkpoint, adapter
     assert load_run(run).reward == {"win_rate": summary["win_rate"], "mean_reward": summary["tuned"]["mean_reward"]}
 
 
+def test_eval_run_without_prompts_answers_its_test_split(tmp_path, hf_checkpoint, adapter_dir):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "sft_test.json").write_text(json.dumps(TEST_RECORDS))
+    run = make_run(tmp_path, hf_checkpoint, adapter_dir, data_dir)
+    evaluate.main(["--run", str(run), "--no-reward", "--max-new-tokens", "4", "--max-prompts", "2"])
+    records = json.loads((run / "eval" / "responses.json").read_text())["records"]
+    assert [(r["prompt"], r["input"]) for r in records] == [(t["instruction"], t["input"])
+                                                                 for t in TEST_RECORDS[:2]]
+    (data_dir / "sft_test.json").unlink()
+    with pytest.raises(UserError, match="--prompts FILE"):
+        evaluate.main(["--run", str(run), "--no-reward", "--out", str(tmp_path / "again")])
+
+
 def test_eval_without_reward_and_several_samples(tmp_path, hf_checkpoint, adapter_dir, files):
     out = tmp_path / "out"
     evaluate.main(["--model", str(hf_checkpoint), "--adapter", str(adapter_dir), "--prompts", str(files["prompts"]),
