@@ -34,6 +34,7 @@ from checkpoints import latest_checkpoint, load_state, read_hyperparams, save_ch
 from configs import GPTConfig, TrainConfig, config_from_dict, config_to_dict, parse_args
 from data import LengthGroupedBatchSampler, SFTDataset, collate, count_target_tokens, load_sft_split
 from errors import UserError, run_cli
+from files import write_json_atomic
 from model import GPT, read_hf_state_dict
 from plotting import RunFolderError, plot_run
 from synthetic import SYNTHETIC_SIZES, exact_match, make_synthetic_split
@@ -133,13 +134,6 @@ def run_folder(train: TrainConfig, preset_name: str) -> Path:
     return root / name
 
 
-def write_json_atomic(path: Path, payload) -> None:
-    """Readers (plot.py, a crash) see the previous complete file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
-
-
 def memory_now(device: str) -> dict:
     """Peak CUDA memory since the last call, or the process RSS on CPU (current and peak)."""
     if device.startswith("cuda"):
@@ -196,7 +190,9 @@ class Stop(Exception):
 class Trainer:
 
     def __init__(self, model_cfg: GPTConfig, train: TrainConfig, run_dir: Path,
-                 resume_state: dict | None, ddp: Dist, device: str):
+                 resume_state: dict | None, ddp: Dist, device: str, datasets: tuple | None = None):
+        """`datasets` (train set, test set, test records) replaces the configured dataset: the
+        benchmarks in bench/ feed their own examples through the real training step."""
         self.cfg, self.ddp, self.device, self.run_dir = train, ddp, device, run_dir
         self.device_type = device.split(":")[0]
         self.tokenizer = build_tokenizer(train)
@@ -208,7 +204,7 @@ class Trainer:
             raise UserError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
                             f"{self.raw_model.config.vocab_size}; use the model's own tokenizer")
         max_len = min(train.max_seq_len or 10**9, self.raw_model.config.block_size)
-        self.train_set, self.test_set, self.test_records = load_datasets(train, self.tokenizer, max_len)
+        self.train_set, self.test_set, self.test_records = datasets or load_datasets(train, self.tokenizer, max_len)
         if len(self.train_set) == 0:
             raise UserError("no training examples left after tokenisation (all dropped as too long?)")
         self.sampler = LengthGroupedBatchSampler(self.train_set.lengths, train.batch_size, seed=train.seed,
