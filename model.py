@@ -351,7 +351,8 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
     try:
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(repo_id=str(source), allow_patterns=[
-            "config.json", "model.safetensors", "vocab.json", "merges.txt"]))
+            "config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
+            "vocab.json", "merges.txt"]))
     except Exception as err:  # offline: a connection error or a missing-cache error, both the same to us
         raise UserError(
             f"cannot download {source!r} from the Hugging Face hub ({type(err).__name__}); pass a local "
@@ -359,19 +360,46 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
         ) from None
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # preferred first
+
+
 def read_hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    safetensors_file, bin_file = folder / "model.safetensors", folder / "pytorch_model.bin"
+    """The weights of a Hugging Face checkpoint folder: one file, or the shards its index lists
+    (transformers shards what exceeds 5 GB when saving, gpt2-xl in float32 for one)."""
+    for name in WEIGHT_FILES:
+        single, index = folder / name, folder / f"{name}.index.json"
+        if single.is_file():
+            return _read_weights_file(single)
+        if index.is_file():
+            return _read_shards(index)
+    raise UserError(f"{folder}: no model.safetensors or pytorch_model.bin (nor a sharded *.index.json)")
+
+
+def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     try:
-        if safetensors_file.is_file():
+        if path.suffix == ".safetensors":
             from safetensors.torch import load_file
-            return load_file(safetensors_file)
-        if bin_file.is_file():
-            return torch.load(bin_file, map_location="cpu", weights_only=True)  # never plain pickle
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)  # never plain pickle
     except Exception as err:
-        bad = safetensors_file if safetensors_file.is_file() else bin_file
-        raise UserError(f"{bad}: cannot read the weights ({type(err).__name__}: {err}); "
+        raise UserError(f"{path}: cannot read the weights ({type(err).__name__}: {err}); "
                         "the file is damaged or incomplete, download or save it again") from None
-    raise UserError(f"{folder}: no model.safetensors or pytorch_model.bin")
+
+
+def _read_shards(index: Path) -> dict[str, torch.Tensor]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise UserError(f"{index}: not a readable checkpoint index ({type(err).__name__}: {err})") from None
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        path = index.parent / str(shard)
+        if Path(str(shard)).name != shard or not path.is_file():
+            raise UserError(f"{index}: shard {shard!r} is missing from {index.parent}; download or save "
+                            "the checkpoint again")
+        state.update(_read_weights_file(path))
+    return state
 
 
 def config_from_hf(folder: Path) -> GPTConfig:

@@ -97,7 +97,8 @@ def hf_reference(hf_model):
 
 # ---------------------------------------------------------------------------- loading
 
-@pytest.mark.parametrize("layout", ["save_pretrained", "bare_keys_with_buffers", "tied_head_stored", "pytorch_bin"])
+@pytest.mark.parametrize("layout", ["save_pretrained", "bare_keys_with_buffers", "tied_head_stored", "pytorch_bin",
+                                    "sharded"])
 def test_load_hf_checkpoint(layout, hf_checkpoint, hf_model, hf_reference, tmp_path):
     folder = copy_folder(hf_checkpoint, tmp_path)
     if layout == "bare_keys_with_buffers":
@@ -107,6 +108,10 @@ def test_load_hf_checkpoint(layout, hf_checkpoint, hf_model, hf_reference, tmp_p
         edit_weights(folder, with_tied_head)
     elif layout == "pytorch_bin":
         to_pytorch_bin(folder)
+    elif layout == "sharded":
+        (folder / WEIGHTS).unlink()
+        hf_model.save_pretrained(folder, max_shard_size="40KB")  # an index.json and several shards
+        assert len(set(json.loads((folder / f"{WEIGHTS}.index.json").read_text())["weight_map"].values())) > 1
     model = GPT.from_pretrained(folder)
     c = model.config
     assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size) == (2, 2, 32, 64, TINY_VOCAB_SIZE)
@@ -267,6 +272,24 @@ def test_missing_weights_file(hf_checkpoint, tmp_path):
     folder = copy_folder(hf_checkpoint, tmp_path)
     (folder / WEIGHTS).unlink()
     assert_mentions(load_error(folder), str(folder), "no model.safetensors or pytorch_model.bin")
+
+
+def sharded_copy(hf_model, tmp_path):
+    folder = tmp_path / "sharded"
+    hf_model.save_pretrained(folder, max_shard_size="40KB")
+    return folder, folder / f"{WEIGHTS}.index.json"
+
+
+def test_bad_shard_indexes(hf_model, tmp_path):
+    folder, index = sharded_copy(hf_model, tmp_path)
+    first_shard = sorted(set(json.loads(index.read_text())["weight_map"].values()))[0]
+    (folder / first_shard).unlink()
+    assert_mentions(load_error(folder), str(index), repr(first_shard), "missing")
+    outside = {"weight_map": {"transformer.wte.weight": "../elsewhere.safetensors"}}
+    index.write_text(json.dumps(outside))
+    assert_mentions(load_error(folder), str(index), "../elsewhere.safetensors", "missing")
+    index.write_text('{"weight_map": ')
+    assert_mentions(load_error(folder), str(index), "not a readable checkpoint index")
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
