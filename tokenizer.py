@@ -17,8 +17,10 @@ import tiktoken
 from errors import UserError
 
 ENDOFTEXT = "<|endoftext|>"
-# GPT-2's pre-tokenisation pattern (tiktoken's r50k_base / gpt2).
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# GPT-2's pre-tokenisation pattern, in tiktoken's spelling for its "gpt2" encoding (possessive
+# quantifiers, the same splits as OpenAI's original), so that a tokenizer built from vocab.json +
+# merges.txt is identical to tiktoken's and shares its data caches (data.tokenizer_fingerprint).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 
 @lru_cache(maxsize=1)

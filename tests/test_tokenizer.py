@@ -33,6 +33,7 @@ CORPUS = [
     f"before{ENDOFTEXT}after {ENDOFTEXT} {ENDOFTEXT}{ENDOFTEXT}",
     "<|endoftext",
     "\x00\x01\x7f control bytes",
+    "  a\n\n  b  ", "trailing spaces   ", " \n ", "a \n\n\n b",  # the whitespace rules at the end of a text
 ]
 
 
