@@ -60,9 +60,9 @@ class LoRALinear(nn.Linear):
         if self.merged:
             return y
         xa = self.lora_A(self.lora_dropout(x))
-        # Add s * (xa B^T) into y in place: one addmm, and no second [.., out] activation (linear's
-        # backward needs its input and weight, never its output, so y may be overwritten). In-place
-        # ops skip autocast: B is cast to y's dtype by hand (a no-op in float32).
+        # Add s * (xa B^T) into y in place: one addmm and no full-width [.., out] temporaries, which
+        # would raise peak memory (linear's backward needs its input and weight, never its output,
+        # so y may be overwritten). In-place ops skip autocast: B is cast to y's dtype by hand.
         b_t = self.lora_B.weight.t().to(y.dtype)
         y.view(-1, y.size(-1)).addmm_(xa.reshape(-1, xa.size(-1)).to(y.dtype), b_t, alpha=self.scaling)
         return y
