@@ -149,7 +149,8 @@ def run_test_split(train) -> LossData:
         return LossData("synthetic test split", records=make_synthetic_split(0, SYNTHETIC_SIZES[1], train.seed)[1])
     path = Path(train.data_dir) / "sft_test.json"
     if not path.is_file():
-        raise UserError(f"{path} (the run's test split) does not exist; pass --data FILE, or --prompts FILE with --no-loss")
+        raise UserError(f"{path} (the run's test split) does not exist; "
+                        "pass --data FILE, or --prompts FILE with --no-loss")
     return LossData(str(path), data_dir=train.data_dir)
 
 

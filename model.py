@@ -409,11 +409,13 @@ def config_from_hf(folder: Path) -> GPTConfig:
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: cannot read the model config ({err})") from None
     if not isinstance(hf, dict) or hf.get("model_type", "gpt2") != "gpt2":
-        raise UserError(f"{path}: not a GPT-2 config (model_type {hf.get('model_type') if isinstance(hf, dict) else None!r})")
+        model_type = hf.get("model_type") if isinstance(hf, dict) else None
+        raise UserError(f"{path}: not a GPT-2 config (model_type {model_type!r})")
     missing = [k for k in ("n_layer", "n_head", "n_embd", "vocab_size") if not isinstance(hf.get(k), int)]
     if missing:
         raise UserError(f"{path}: missing or non-integer {', '.join(missing)}")
-    unsupported = {"activation_function": hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"),
+    activation = hf.get("activation_function", "gelu_new")
+    unsupported = {"activation_function": activation not in ("gelu_new", "gelu_pytorch_tanh"),
                    "scale_attn_by_inverse_layer_idx": bool(hf.get("scale_attn_by_inverse_layer_idx")),
                    "scale_attn_weights": hf.get("scale_attn_weights", True) is not True,
                    "add_cross_attention": bool(hf.get("add_cross_attention"))}
