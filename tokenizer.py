@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import tiktoken
 from errors import UserError
 
 ENDOFTEXT = "<|endoftext|>"
+# Hub names whose tokenizer is the standard GPT-2 vocabulary (tiktoken's "gpt2").
+_STANDARD_VOCAB_NAME = re.compile(r"^(openai-community/)?(distil)?gpt2(-medium|-large|-xl)?$")
 # GPT-2's pre-tokenisation pattern, in tiktoken's spelling for its "gpt2" encoding (possessive
 # quantifiers, the same splits as OpenAI's original), so that a tokenizer built from vocab.json +
 # merges.txt is identical to tiktoken's and shares its data caches (data.tokenizer_fingerprint).
@@ -95,14 +98,18 @@ def tokenizer_files(folder: Path) -> tuple[Path, Path] | None:
 def load_tokenizer(source: str | os.PathLike | None = None) -> Tokenizer:
     """A folder with vocab.json + merges.txt (any HF GPT-2 checkpoint), or tiktoken's "gpt2".
 
-    A hub model name (e.g. "gpt2-medium") or None means the standard GPT-2 vocabulary, which every
-    GPT-2 size shares.
+    None or the hub name of a GPT-2 size (e.g. "gpt2-medium") means the standard GPT-2
+    vocabulary, which every size shares. Anything else must be a folder: a mistyped path is an
+    error, never a silent switch to the standard vocabulary.
     """
     if source is not None and Path(source).is_dir():
         files = tokenizer_files(Path(source))
         if files is None:
             raise UserError(f"{source} has no vocab.json + merges.txt (or encoder.json + vocab.bpe)")
         return Tokenizer(_encoding_from_files(*files))
+    if source is not None and not _STANDARD_VOCAB_NAME.match(str(source)):
+        raise UserError(f"tokenizer folder {source} does not exist (or is not a folder); pass a folder with "
+                        "vocab.json + merges.txt, or leave the tokenizer out for tiktoken's gpt2")
     try:
         return Tokenizer(tiktoken.get_encoding("gpt2"))
     except Exception as err:  # tiktoken raises requests/OSError/... when it cannot download

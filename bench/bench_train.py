@@ -45,6 +45,7 @@ import torch  # noqa: E402
 
 from configs import GPTConfig, preset  # noqa: E402
 from data import SFTDataset  # noqa: E402
+from errors import run_cli  # noqa: E402
 from model import HUB_MODELS  # noqa: E402
 
 DEFAULT_TOKENIZER = ROOT.parent / "shared" / "assets" / "gpt2_bpe"
@@ -247,4 +248,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -153,3 +153,12 @@ def test_folder_without_tokenizer_files_is_refused(tmp_path):
     (tmp_path / "vocab.json").write_text("{}")  # merges.txt missing
     with pytest.raises(UserError, match="no vocab.json"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("source", ["no_such_folder", "../shared/assets/gpt2_bpe_typo", "vocab.json", "gpt3"])
+def test_a_mistyped_folder_is_an_error_not_the_standard_vocabulary(source, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "vocab.json").write_text("{}")  # an existing file is not a folder either
+    with pytest.raises(UserError, match="does not exist") as caught:
+        load_tokenizer(source)
+    assert source in str(caught.value) and "\n" not in str(caught.value)
