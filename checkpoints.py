@@ -23,7 +23,7 @@ from configs import config_from_dict
 from errors import UserError
 from files import write_text_atomic
 from model import GPT
-from tokenizer import Tokenizer, load_tokenizer, tokenizer_files
+from tokenizer import Tokenizer, load_tokenizer, tokenizer_folder
 
 
 def step_dir_name(step: int) -> str:
@@ -92,7 +92,6 @@ def load_run_model(run_dir: Path, checkpoint: Path | None = None) -> tuple[GPT, 
         model = GPT.from_pretrained(base)
         lora.load_adapter(model, checkpoint / "adapter")
     # A run's tokenizer: the one it was given, else the files beside its weights, else GPT-2's.
-    weights_dir = model.checkpoint_dir if model.checkpoint_dir and tokenizer_files(model.checkpoint_dir) else None
-    tokenizer = load_tokenizer(train.tokenizer or weights_dir)
+    tokenizer = load_tokenizer(train.tokenizer or tokenizer_folder(model.checkpoint_dir))
     return model, tokenizer, hyperparams
 

@@ -18,7 +18,7 @@ from checkpoints import latest_checkpoint, read_hyperparams, run_base_source
 from errors import ArgParser, UserError, run_cli
 from lora import load_adapter, merge_lora, read_adapter_config, save_adapter
 from model import GPT
-from tokenizer import tokenizer_files
+from tokenizer import tokenizer_folder
 
 
 @dataclass
@@ -27,7 +27,8 @@ class Source:
     base: str | None = None  # hub name or HF folder the adapter applies to
     adapter_dir: Path | None = None  # PEFT adapter folder (LoRA runs)
     model_dir: Path | None = None  # HF checkpoint folder (full fine-tuning runs)
-    tokenizer_dir: Path | None = None  # None: the base's (or model_dir's) own tokenizer files
+    tokenizer_dir: Path | None = None  # None leaves the choice to save_pretrained: the folder the
+    # model was loaded from (the base's, or model_dir's, own tokenizer files)
 
 
 def source_from_run(run_dir: Path, base_override: str | None = None) -> Source:
@@ -50,17 +51,11 @@ def source_from_run(run_dir: Path, base_override: str | None = None) -> Source:
         if base is None:
             raise UserError(f"{run_dir}: LoRA run from random weights without a saved base_model/; "
                             "pass --base with the base checkpoint folder")
-        return Source(base=base, adapter_dir=step / "adapter", tokenizer_dir=_tokenizer_dir(tokenizer))
+        return Source(base=base, adapter_dir=step / "adapter", tokenizer_dir=tokenizer_folder(tokenizer))
     if (step / "model").is_dir():
-        return Source(model_dir=step / "model", tokenizer_dir=_tokenizer_dir(tokenizer, step / "model", init_from))
+        return Source(model_dir=step / "model", tokenizer_dir=tokenizer_folder(tokenizer, step / "model", init_from))
     raise UserError(f"{step}: neither adapter/ nor model/ inside; the checkpoint is incomplete, "
                     "export an earlier one by editing checkpoints/latest")
-
-
-def _tokenizer_dir(*candidates) -> Path | None:
-    """The first candidate folder with GPT-2 tokenizer files; None leaves the choice to
-    save_pretrained (the folder the model was loaded from)."""
-    return next((Path(c) for c in candidates if c and Path(c).is_dir() and tokenizer_files(Path(c))), None)
 
 
 def load_source(source: Source) -> GPT:

@@ -24,7 +24,7 @@ from configs import TrainConfig, config_from_dict
 from errors import ArgParser, UserError, run_cli
 from model import GPT
 from templates import DEFAULT_TEMPLATE, TEMPLATES, build_prompt
-from tokenizer import Tokenizer, load_tokenizer, tokenizer_files
+from tokenizer import Tokenizer, load_tokenizer, tokenizer_folder
 
 
 def model_parser(doc: str) -> ArgParser:
@@ -144,12 +144,6 @@ def prepare_for_generation(model: GPT, device: str, rows: int) -> GPT:
     return model
 
 
-def default_tokenizer(model: GPT) -> Tokenizer:
-    """The tokenizer beside the weights, else GPT-2's."""
-    folder = model.checkpoint_dir
-    return load_tokenizer(folder if folder and tokenizer_files(folder) else None)
-
-
 def check_vocab(tokenizer: Tokenizer, model: GPT, what: str) -> None:
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but {what} only "
@@ -168,7 +162,7 @@ def load_for_generation(args) -> Loaded:
     else:
         source = args.model or adapter_base(args.adapter)
         model = load_weights(source, args.adapter)
-        tokenizer = default_tokenizer(model)
+        tokenizer = load_tokenizer(tokenizer_folder(model.checkpoint_dir))  # beside the weights, else GPT-2's
         description = source + (f" + adapter {args.adapter}" if args.adapter else "")
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)

@@ -95,6 +95,12 @@ def tokenizer_files(folder: Path) -> tuple[Path, Path] | None:
     return None
 
 
+def tokenizer_folder(*candidates: str | os.PathLike | None) -> Path | None:
+    """The first candidate that is a folder holding GPT-2 tokenizer files (a checkpoint usually
+    does); None if none is, which load_tokenizer reads as the standard GPT-2 vocabulary."""
+    return next((Path(c) for c in candidates if c and Path(c).is_dir() and tokenizer_files(Path(c))), None)
+
+
 def load_tokenizer(source: str | os.PathLike | None = None) -> Tokenizer:
     """A folder with vocab.json + merges.txt (any HF GPT-2 checkpoint), or tiktoken's "gpt2".
 

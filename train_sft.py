@@ -39,7 +39,7 @@ from model import GPT, read_hf_state_dict
 from plotting import RunFolderError, plot_run
 from synthetic import SYNTHETIC_SIZES, exact_match, make_synthetic_split
 from templates import build_prompt
-from tokenizer import Tokenizer, load_tokenizer, tokenizer_files
+from tokenizer import Tokenizer, load_tokenizer, tokenizer_folder
 
 EXACT_MATCH_LIMIT = 200  # held-out synthetic prompts answered greedily at each evaluation
 
@@ -72,13 +72,6 @@ def pick_device(name: str, ddp: Dist) -> str:
             return f"cuda:{ddp.local_rank}" if ddp.world > 1 else "cuda"
         return "mps" if torch.backends.mps.is_available() else "cpu"
     return name
-
-
-def build_tokenizer(train: TrainConfig) -> Tokenizer:
-    if train.tokenizer:
-        return load_tokenizer(train.tokenizer)
-    init = Path(train.init_from) if train.init_from else None
-    return load_tokenizer(init if init and init.is_dir() and tokenizer_files(init) else None)
 
 
 def build_model(model_cfg: GPTConfig, train: TrainConfig) -> GPT:
@@ -195,7 +188,8 @@ class Trainer:
         benchmarks in bench/ feed their own examples through the real training step."""
         self.cfg, self.ddp, self.device, self.run_dir = train, ddp, device, run_dir
         self.device_type = device.split(":")[0]
-        self.tokenizer = build_tokenizer(train)
+        # --tokenizer, else the files beside init_from's weights, else GPT-2's
+        self.tokenizer = load_tokenizer(train.tokenizer or tokenizer_folder(train.init_from))
         self.raw_model = build_model(model_cfg, train)
         if resume_state is not None:
             self._restore_weights(resume_state["checkpoint"])
