@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from configs import LORA_TARGETS
 from errors import UserError
 from files import write_atomic, write_text_atomic
-from model import short_list
+from model import read_weights_file, state_mismatches
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -300,12 +300,7 @@ def _normalize_key(key: str) -> str:
 
 
 def _check_state(expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor], origin: str) -> None:
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    wrong = sorted(f"{k} {tuple(state[k].shape)} != {expected[k]}"
-                   for k in expected.keys() & state.keys() if tuple(state[k].shape) != expected[k])
-    problems = [f"{label}: {short_list(keys)}" for label, keys in
-                (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+    problems = state_mismatches(expected, state)
     if problems:
         raise UserError(f"{origin}: adapter does not fit this model and LoRA config; " + "; ".join(problems))
 
@@ -441,18 +436,10 @@ def _peft_selects(config: dict, key: str) -> bool:
 def read_adapter_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     """adapter_model.safetensors (or PEFT's older adapter_model.bin) of an adapter folder."""
     folder = Path(folder)
-    safetensors_file, bin_file = folder / ADAPTER_WEIGHTS, folder / "adapter_model.bin"
-    path = safetensors_file if safetensors_file.is_file() or not bin_file.is_file() else bin_file
-    try:
-        if path is bin_file:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        from safetensors.torch import load_file
-        return load_file(path)
-    except FileNotFoundError:
-        raise UserError(f"{folder}: no {ADAPTER_WEIGHTS}; the adapter folder is incomplete") from None
-    except Exception as err:
-        raise UserError(f"{path}: cannot read the adapter weights ({type(err).__name__}: {err}); "
-                        "the file is damaged or incomplete, save it again") from None
+    for path in (folder / ADAPTER_WEIGHTS, folder / "adapter_model.bin"):
+        if path.is_file():
+            return read_weights_file(path)
+    raise UserError(f"{folder}: no {ADAPTER_WEIGHTS}; the adapter folder is incomplete")
 
 
 def load_adapter(model: nn.Module, folder: str | Path) -> LoRASettings:

@@ -231,12 +231,7 @@ class GPT(nn.Module):
         """Copy HF-named GPT-2 weights into this model; any mismatch is an error that lists it."""
         own = self.hf_state_dict()
         state = _normalize_hf_keys(state, origin)
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        wrong_shape = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
-                       for k in own if k in state and state[k].shape != own[k].shape]  # model order: wte first
-        problems = [f"{what}: {short_list(keys)}" for what, keys in
-                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)) if keys]
+        problems = state_mismatches({k: tuple(v.shape) for k, v in own.items()}, state)
         if problems:
             raise UserError(f"{origin}: weights do not fit a GPT-2 of this config; " + "; ".join(problems))
         with torch.no_grad():
@@ -319,9 +314,20 @@ def _is_conv1d(name: str) -> bool:
     return name.endswith(_CONV1D)
 
 
-def short_list(items: list[str], limit: int = 8) -> str:
+def _short_list(items: list[str], limit: int = 8) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
+
+
+def state_mismatches(expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor]) -> list[str]:
+    """Why `state` does not fit `expected` (key -> shape): its missing, unexpected and wrong-shape
+    keys, each a short list (wrong shapes in `expected`'s order); empty when it fits."""
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    wrong_shape = [f"{k} {tuple(state[k].shape)} != {shape}"
+                   for k, shape in expected.items() if k in state and tuple(state[k].shape) != shape]
+    return [f"{what}: {_short_list(keys)}" for what, keys in
+            (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)) if keys]
 
 
 def _normalize_hf_keys(state: dict[str, torch.Tensor], origin: str) -> dict[str, torch.Tensor]:
@@ -369,13 +375,14 @@ def read_hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     for name in WEIGHT_FILES:
         single, index = folder / name, folder / f"{name}.index.json"
         if single.is_file():
-            return _read_weights_file(single)
+            return read_weights_file(single)
         if index.is_file():
             return _read_shards(index)
     raise UserError(f"{folder}: no model.safetensors or pytorch_model.bin (nor a sharded *.index.json)")
 
 
-def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one .safetensors file, or of a torch pickle read with weights_only."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -398,7 +405,7 @@ def _read_shards(index: Path) -> dict[str, torch.Tensor]:
         if Path(str(shard)).name != shard or not path.is_file():
             raise UserError(f"{index}: shard {shard!r} is missing from {index.parent}; download or save "
                             "the checkpoint again")
-        state.update(_read_weights_file(path))
+        state.update(read_weights_file(path))
     return state
 
 
