@@ -310,6 +310,12 @@ def _hf_weight_names(n_layer: int) -> list[str]:
             + ["transformer.ln_f.weight", "transformer.ln_f.bias"])
 
 
+def is_hub_id(source: str | os.PathLike) -> bool:
+    """Whether a source that is not a local folder can be a hub repository id ("gpt2",
+    "owner/name") rather than a mistyped path ("./x", "/x", "a/b/c")."""
+    return _HUB_ID.match(str(source)) is not None
+
+
 def _is_conv1d(name: str) -> bool:
     return name.endswith(_CONV1D)
 
@@ -352,7 +358,7 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
     path = Path(source)
     if path.is_dir():
         return path
-    if path.exists() or not _HUB_ID.match(str(source)):
+    if path.exists() or not is_hub_id(source):
         raise UserError(f"checkpoint folder {source} does not exist (or is not a folder)")
     try:
         from huggingface_hub import snapshot_download

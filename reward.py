@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from errors import UserError
+from model import is_hub_id
 
 DEFAULT_REWARD_MODEL = "OpenAssistant/reward-model-deberta-v3-large-v2"
 TIE_TOL = 1e-6
@@ -49,7 +50,7 @@ def load_reward_model(source: str, device: str | torch.device = "cpu") -> Reward
     path = Path(source)
     if path.is_dir():
         model, tokenizer = _load_local(source)
-    elif path.exists() or _looks_like_path(str(source)):
+    elif path.exists() or not is_hub_id(source):
         raise UserError(f"--reward-model {source}: no such folder; pass a folder saved by save_pretrained "
                         "or a hub name")
     else:
@@ -60,11 +61,6 @@ def load_reward_model(source: str, device: str | torch.device = "cpu") -> Reward
     _ensure_padding(model, tokenizer)
     model.to(device).eval()
     return RewardModel(model, tokenizer, _max_length(model, tokenizer), str(source))
-
-
-def _looks_like_path(source: str) -> bool:
-    """Hub names are "name" or "owner/name"; anything else with a path shape is a missing folder."""
-    return source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") > 1
 
 
 def _from_pretrained(source: str, local_only: bool):
