@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from configs import preset  # noqa: E402
 from data import IGNORE_INDEX, SFTDataset, parse_records  # noqa: E402
 from errors import run_cli  # noqa: E402
-from model import HUB_MODELS  # noqa: E402
+from model import HUB_MODELS, config_to_hf  # noqa: E402
 from templates import TEMPLATES  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
@@ -56,12 +56,8 @@ def save_random_gpt2(name: str, folder: Path, seed: int) -> None:
     """A random-weight GPT2LMHeadModel of the preset's shape, saved in Hugging Face format."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    shape = preset(name)[0]
     torch.manual_seed(seed)
-    config = GPT2Config(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
-                        n_positions=shape.block_size, vocab_size=shape.vocab_size,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    GPT2LMHeadModel(config).save_pretrained(folder)
+    GPT2LMHeadModel(GPT2Config(**config_to_hf(preset(name)[0]))).save_pretrained(folder)
 
 
 class Ours:

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs import preset  # noqa: E402
 from lora import apply_lora  # noqa: E402
-from model import GPT, HUB_MODELS  # noqa: E402
+from model import GPT, HUB_MODELS, config_to_hf  # noqa: E402
 
 TARGETS_PEFT = ["c_attn", "c_proj", "c_fc"]  # "c_proj" catches attn.c_proj and mlp.c_proj: all four
 # ours: GPT + lora.py; peft: GPT2LMHeadModel + peft (what the replaced system ran); peft_on_our_gpt:
@@ -59,10 +59,8 @@ VOCAB_SIZE = 50257  # GPT-2's, the same for every size
 def hf_config(name: str):
     from transformers import GPT2Config
 
-    shape = preset(name)[0]
-    # no dropout, as in our GPTConfig default: HF's 0.1 would add work (and noise) on its side only
-    return GPT2Config(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd, n_positions=shape.block_size,
-                      vocab_size=shape.vocab_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    # the preset's dropout (none), not HF's default 0.1, which would add work on its side only
+    return GPT2Config(**config_to_hf(preset(name)[0]))
 
 
 def with_peft_lora(model, rank: int, fan_in_fan_out: bool):

@@ -28,7 +28,8 @@ import transformers  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from configs import GPTConfig, preset  # noqa: E402
-from model import GPT, IGNORE_INDEX  # noqa: E402
+from bench_train import step_flops  # noqa: E402
+from model import GPT, IGNORE_INDEX, config_to_hf  # noqa: E402
 
 
 def parse_args():
@@ -44,11 +45,7 @@ def parse_args():
 
 
 def build_models(config: GPTConfig) -> tuple[GPT, GPT2LMHeadModel]:
-    hf_config = GPT2Config(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
-                           n_positions=config.block_size, vocab_size=config.vocab_size,
-                           layer_norm_epsilon=config.layer_norm_epsilon, resid_pdrop=0.0, embd_pdrop=0.0,
-                           attn_pdrop=0.0, attn_implementation="sdpa")
-    hf = GPT2LMHeadModel(hf_config).train()
+    hf = GPT2LMHeadModel(GPT2Config(**config_to_hf(config), attn_implementation="sdpa")).train()
     assert hf.config._attn_implementation == "sdpa"
     ours = GPT(config).train()
     ours.load_hf_state_dict(hf.state_dict())
@@ -75,16 +72,6 @@ def train_step(model, loss_fn) -> tuple[float, float, float]:
     loss = loss_fn()
     loss.backward()
     return time.perf_counter() - wall, time.process_time() - cpu, loss.item()
-
-
-def step_flops(config: GPTConfig, batch: int, seq: int, head_positions: int) -> dict:
-    """Matmul FLOPs of one forward + backward (backward = 2 x forward; a multiply-add = 2 FLOPs).
-    Causal attention averages (seq + 1) / 2 keys per query. LayerNorm, GELU, softmax and the
-    cross-entropy are memory-bound extras, not counted."""
-    C, L, V = config.n_embd, config.n_layer, config.vocab_size
-    body = batch * seq * (2 * 12 * L * C * C + 2 * 2 * L * C * (seq + 1) / 2)
-    head = head_positions * 2 * C * V
-    return {"body": 3 * body, "head": 3 * head, "total": 3 * (body + head)}
 
 
 def main():
@@ -121,8 +108,10 @@ def main():
 
     tokens = args.batch * args.seq
     best = {name: min(t) for name, t in times.items()}
-    full = step_flops(config, args.batch, args.seq, tokens)
-    kept = step_flops(config, args.batch, args.seq, n_targets)
+    # matmul FLOPs of a full fine-tuning step (bench_train.step_flops), with the head on every
+    # position, on the targets only, and on none (what is left is the head's share)
+    full, kept, no_head = (step_flops(config, args.batch, args.seq, rows, lora_rank=None)
+                           for rows in (tokens, n_targets, 0))
     median = {name: statistics.median(t) for name, t in times.items()}
     cpu_median = {name: statistics.median(t) for name, t in cpu_times.items()}
     result = {
@@ -147,10 +136,10 @@ def main():
             "speedup_vs_full_head_median": round(median["gpt"] / median["gpt_targets_only"], 3),
             "time_saving_median": round(1 - median["gpt_targets_only"] / median["gpt"], 3),
             "cpu_time_saving_median": round(1 - cpu_median["gpt_targets_only"] / cpu_median["gpt"], 3),
-            "tflops_per_step_full_head": round(full["total"] / 1e12, 3),
-            "tflops_per_step_targets_only": round(kept["total"] / 1e12, 3),
-            "flops_saving": round(1 - kept["total"] / full["total"], 3),
-            "head_share_of_flops_full": round(full["head"] / full["total"], 3),
+            "tflops_per_step_full_head": round(full / 1e12, 3),
+            "tflops_per_step_targets_only": round(kept / 1e12, 3),
+            "flops_saving": round(1 - kept / full, 3),
+            "head_share_of_flops_full": round(1 - no_head / full, 3),
             "logits_mb_full_head": round(tokens * config.vocab_size * 4 / 2**20, 1),
             "logits_mb_targets_only": round(n_targets * config.vocab_size * 4 / 2**20, 1),
         },
