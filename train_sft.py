@@ -127,6 +127,21 @@ def run_folder(train: TrainConfig, preset_name: str) -> Path:
     return root / name
 
 
+def process_memory_mb() -> dict:
+    """This process's resident memory now and its high-water mark, in MB (2**20 bytes). On Linux
+    both come from /proc/self/status: VmHWM is this process's own peak, whereas getrusage's
+    ru_maxrss carries a larger parent's peak across fork + exec (torchrun, pytest). Elsewhere
+    (macOS) only the peak is known, from ru_maxrss, which macOS counts in bytes."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return {"peak_rss_mb": peak / 2**20 if sys.platform == "darwin" else peak / 1024}
+    kb = {name: int(value.split()[0]) for name, value in
+          (line.split(":", 1) for line in status.splitlines()) if name in ("VmRSS", "VmHWM")}
+    return {"rss_mb": kb["VmRSS"] / 1024, "peak_rss_mb": kb["VmHWM"] / 1024}
+
+
 def memory_now(device: str) -> dict:
     """Peak CUDA memory since the last call, or the process RSS on CPU (current and peak)."""
     if device.startswith("cuda"):
@@ -134,9 +149,7 @@ def memory_now(device: str) -> dict:
                  "peak_reserved_mb": torch.cuda.max_memory_reserved() / 2**20}
         torch.cuda.reset_peak_memory_stats()
         return stats
-    with open("/proc/self/statm") as f:
-        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    return {"rss_mb": rss, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return process_memory_mb()
 
 
 @dataclass

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -94,20 +93,10 @@ def random_dataset(batch: int, seq: int, prompt_frac: float, vocab_size: int, se
     return SFTDataset(ids, offsets, n_masked, np.arange(batch), stats={})
 
 
-def vm_hwm_bytes() -> int:
-    status = Path("/proc/self/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def run_child(args) -> dict:
     """One configuration in this (fresh) process: warm-up, timed steps, peak memory."""
     import lora
-    from train_sft import Dist, Trainer
+    from train_sft import Dist, Trainer, process_memory_mb
 
     method, optimizer, compiled = args.child.split(",")
     model_cfg, train = preset(args.model)
@@ -118,11 +107,11 @@ def run_child(args) -> dict:
     model_cfg = replace(model_cfg, block_size=max(model_cfg.block_size, args.seq))
     dataset = random_dataset(args.batch, args.seq, args.prompt_frac, model_cfg.vocab_size)
     cuda = args.device.startswith("cuda")
-    baseline = rss_bytes()
+    baseline = process_memory_mb()["rss_mb"]
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(model_cfg, train, Path(run_dir), None, Dist(), args.device,
                           datasets=(dataset, dataset, []))
-        after_build = rss_bytes()
+        after_build = process_memory_mb()["rss_mb"]
         batches = trainer.micro_batches()
         times, loss = [], None
         for i in range(args.warmup + args.steps):
@@ -140,10 +129,10 @@ def run_child(args) -> dict:
         result["peak_reserved_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
         result["device_name"] = torch.cuda.get_device_name()
     else:
-        peak = vm_hwm_bytes()
-        result["peak_rss_mb"] = round(peak / 2**20, 1)
-        result["rss_after_build_mb"] = round(after_build / 2**20, 1)
-        result["peak_above_baseline_mb"] = round((peak - baseline) / 2**20, 1)
+        peak = process_memory_mb()["peak_rss_mb"]
+        result["peak_rss_mb"] = round(peak, 1)
+        result["rss_after_build_mb"] = round(after_build, 1)
+        result["peak_above_baseline_mb"] = round(peak - baseline, 1)
     return result
 
 
