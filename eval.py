@@ -131,10 +131,8 @@ class LossData:
     data_dir: Optional[str] = None
 
 
-def loss_data(args, loaded: Loaded) -> Optional[LossData]:
-    """The test data of the loss: --data, else the run's test split; None when there is none."""
-    if args.no_loss:
-        return None
+def test_data(args, loaded: Loaded) -> Optional[LossData]:
+    """The test records: --data, else the run's test split; None when there is none."""
     if args.data:
         return LossData(args.data, records=load_records(args.data))
     return None if loaded.train is None else run_test_split(loaded.train)
@@ -154,14 +152,11 @@ def run_test_split(train) -> LossData:
     return LossData(str(path), data_dir=train.data_dir)
 
 
-def default_prompts(args, loaded: Loaded) -> list[dict]:
-    """Without --prompts: the instructions (and inputs) of the test records, --data or the run's."""
-    if args.data:
-        return [prompt_record(r) for r in load_records(args.data)]
-    if loaded.train is None:
+def test_prompts(test: Optional[LossData]) -> list[dict]:
+    """Without --prompts: the instructions (and inputs) of the test records."""
+    if test is None:
         raise UserError("no prompts: pass --prompts FILE (CSV, JSON or text), or --run/--data to use test records")
-    split = run_test_split(loaded.train)
-    return [prompt_record(r) for r in (split.records or load_records(split.source))]
+    return [prompt_record(r) for r in (test.records if test.records is not None else load_records(test.source))]
 
 
 def build_test_set(test: LossData, loaded: Loaded, max_len: int) -> SFTDataset:
@@ -304,10 +299,12 @@ def main(argv=None) -> None:
     # the reward model, both models' weights, the test data.
     rm = None if args.no_reward else reward.load_reward_model(args.reward_model, "cpu")
     loaded = load_for_generation(args)
-    prompts = (prompts or default_prompts(args, loaded))[:args.max_prompts]
+    # The test records give the loss and, without --prompts, the prompts: read once, when needed.
+    records = None if args.no_loss and prompts else test_data(args, loaded)
+    prompts = (prompts or test_prompts(records))[:args.max_prompts]
+    test = None if args.no_loss else records
     base = base_source(args, loaded)
     base_folder = resolve_checkpoint(base)
-    test = loss_data(args, loaded)
     out = Path(args.out or (Path(args.run) / "eval" if args.run else DEFAULT_OUT))
     started = time.time()
 
