@@ -27,7 +27,7 @@ import torch
 
 import reward
 from checkpoints import run_base_source
-from data import SFTDataset, collate, count_target_tokens, load_records, load_sft_split
+from data import SFTDataset, count_target_tokens, load_records, load_sft_split, sorted_batches
 from errors import UserError, run_cli
 from files import write_text_atomic
 from model import GPT, resolve_checkpoint
@@ -112,10 +112,8 @@ def reward_prompt_text(record: dict) -> str:
 def response_loss(model: GPT, dataset: SFTDataset, pad_id: int, batch_size: int) -> float:
     """Mean cross-entropy per response token (prompt tokens are not targets), over the whole set."""
     device = model.lm_head.weight.device
-    order = np.argsort(dataset.lengths, kind="stable")  # similar lengths together: little padding
     total, n_targets = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        x, y = collate([dataset[i] for i in order[start:start + batch_size]], pad_id)
+    for x, y in sorted_batches(dataset, batch_size, pad_id):
         _, loss = model(x.to(device), y.to(device), reduction="sum", targets_only=True)
         total += loss.item()
         n_targets += count_target_tokens(y)

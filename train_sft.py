@@ -23,7 +23,6 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -32,7 +31,7 @@ import lora
 import optim
 from checkpoints import latest_checkpoint, load_state, read_hyperparams, save_checkpoint
 from configs import GPTConfig, TrainConfig, config_from_dict, config_to_dict, parse_args
-from data import LengthGroupedBatchSampler, SFTDataset, collate, count_target_tokens, load_sft_split
+from data import LengthGroupedBatchSampler, SFTDataset, collate, count_target_tokens, load_sft_split, sorted_batches
 from errors import UserError, run_cli
 from files import write_json_atomic
 from model import GPT, read_hf_state_dict
@@ -345,13 +344,8 @@ class Trainer:
         model = self.raw_model
         model.eval()
         total, targets = 0.0, 0
-        order = np.argsort(self.test_set.lengths)  # similar lengths together: little padding
-        n_batches = math.ceil(len(order) / self.cfg.batch_size)
-        if self.cfg.eval_batches:
-            n_batches = min(n_batches, self.cfg.eval_batches)
-        for b in range(n_batches):
-            examples = [self.test_set[i] for i in order[b * self.cfg.batch_size:(b + 1) * self.cfg.batch_size]]
-            x, y = collate(examples, self.tokenizer.eot_id)
+        for x, y in sorted_batches(self.test_set, self.cfg.batch_size, self.tokenizer.eot_id,
+                                   self.cfg.eval_batches or None):  # eval_batches 0: the whole split
             with self.autocast():
                 _, loss = model(x.to(self.device), y.to(self.device), reduction="sum", targets_only=True)
             total += loss.float().item()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data import (IGNORE_INDEX, LengthGroupedBatchSampler, SFTDataset, collate, count_target_tokens,
-                  load_sft_split, padding_fraction, tokenizer_fingerprint)
+                  load_sft_split, padding_fraction, sorted_batches, tokenizer_fingerprint)
 from errors import UserError
 from templates import TEMPLATES, build_prompt
 from tokenizer import ENDOFTEXT, load_tokenizer
@@ -218,6 +218,17 @@ def test_missing_split_says_how_to_make_it(tmp_path, tok):
 
 
 # ----------------------------------------------------------------------------- batches
+
+def test_sorted_batches_cover_the_set_shortest_first(tok):
+    records = [{"instruction": "say" + " more" * (i * 7 % 10), "input": "", "output": "ok"} for i in range(10)]
+    ds = _build(records, tok)
+    batches = list(sorted_batches(ds, 3, tok.eot_id))
+    assert [len(x) for x, _ in batches] == [3, 3, 3, 1]
+    widths = [x.shape[1] for x, _ in batches]
+    assert widths == sorted(widths) and widths[-1] == max(ds.lengths)
+    assert sum(count_target_tokens(y) for _, y in batches) == ds.stats["n_target_tokens"]
+    assert [x.tolist() for x, _ in sorted_batches(ds, 3, tok.eot_id, max_batches=2)] == [x.tolist() for x, _ in batches[:2]]
+
 
 def test_collate_pads_x_with_pad_id_and_y_with_ignore(tok):
     ds = _build([WITH_INPUT, NO_INPUT], tok)
