@@ -3,7 +3,7 @@
 A preset name is `MODEL` or `MODEL/VARIANT`: the model part fixes the architecture (and, for the
 GPT-2 sizes, which pretrained weights to start from); the variant changes training defaults:
 `/lora` turns on LoRA (rank 16, alpha 32), `/dropout` sets dropout 0.1 everywhere. Every field of
-both dataclasses is also a command-line flag, so `--config gpt2-medium/lora --rank 8 --lr 1e-4`
+the configs is also a command-line flag, so `--config gpt2-medium/lora --rank 8 --lr 1e-4`
 reads as "the gpt2-medium LoRA preset, with rank 8 and learning rate 1e-4".
 """
 from __future__ import annotations
@@ -15,65 +15,29 @@ import typing
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
+from data import DataConfig
+from devices import DTYPES
 from errors import ArgParser, UserError
+from lora import LoRAConfig
+from model import GPTConfig
+from optim import OptimConfig
 
 
 @dataclass
-class GPTConfig:
-    block_size: int = 1024  # maximum context length (HF: n_positions)
-    vocab_size: int = 50257
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0  # one knob for embedding, attention and residual dropout
-    layer_norm_epsilon: float = 1e-5
-    grad_checkpointing: bool = False  # recompute each block in backward to save activation memory
-
-
-LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-
-
-@dataclass
-class TrainConfig:
-    # where the weights and data come from
+class TrainConfig(DataConfig, LoRAConfig, OptimConfig):
+    """Everything a training run needs besides the architecture: the data (DataConfig, data.py),
+    LoRA (LoRAConfig, lora.py) and optimisation (OptimConfig, optim.py) options, and these."""
+    # where the weights come from
     init_from: Optional[str] = None  # hub name or local HF folder; None = random init from the preset
     tokenizer: Optional[str] = None  # folder with vocab.json + merges.txt; None = the checkpoint's, else tiktoken "gpt2"
-    dataset: str = "sft"  # "sft": data_dir/sft_{train,test}.json; "synthetic": built-in generated tasks
-    data_dir: str = "data"
-    template: str = "alpaca"
-    train_on_prompt: bool = False
-    overlong: str = "truncate"  # "truncate" or "drop" examples longer than the context
-    max_seq_len: int = 0  # 0 = the model's block_size
-    group_by_length: bool = True  # batches of similar length (little padding); off for random batches
-    # LoRA
-    lora: bool = False
-    rank: int = 16
-    alpha: float = 32.0
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = LORA_TARGETS
-    lora_layers: Optional[tuple[int, ...]] = None  # None = every block
-    rslora: bool = False
-    # optimisation
-    optimizer: str = "adamw"  # sgd | momentum | nesterov | adamw
-    lr: float = 3e-4
-    momentum: float = 0.9
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    llrd: float = 1.0  # layer-wise lr decay: block i gets lr * llrd ** (n_layer - i)
-    freeze_layers: int = 0  # freeze the first N blocks (and the embeddings) in full fine-tuning
-    schedule: str = "cosine"  # cosine | linear | constant
-    warmup: float = 0.03  # < 1: fraction of the total steps; >= 1: number of steps
-    min_lr: float = 0.0
-    grad_clip: float = 1.0  # 0 = off
+    # steps and batches
     grad_accum: int = 1
     batch_size: int = 8
     max_steps: int = 0  # 0 = run for `epochs`
     epochs: float = 1.0
     seed: int = 1337
     # speed and precision
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (bfloat16 or float16 on CUDA, float32 elsewhere) | float32 | bfloat16 | float16
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     head_on_targets_only: bool = True  # run the vocabulary head only where a target exists
@@ -86,6 +50,10 @@ class TrainConfig:
     out_dir: str = "runs"
     run_name: Optional[str] = None
     resume: Optional[str] = None
+
+
+# The flag groups of --help, in order: each dataclass's own fields.
+CONFIG_GROUPS = (GPTConfig, DataConfig, LoRAConfig, OptimConfig, TrainConfig)
 
 
 _GPT2_SIZES = {
@@ -176,13 +144,19 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hint) -> N
         parser.add_argument(_flag(f.name), type=base, default=None)
 
 
+def own_fields(cls) -> list[dataclasses.Field]:
+    """The fields a dataclass declares itself, not those it inherits."""
+    inherited = {f.name for base in cls.__bases__ if dataclasses.is_dataclass(base) for f in fields(base)}
+    return [f for f in fields(cls) if f.name not in inherited]
+
+
 def build_parser(description: str) -> argparse.ArgumentParser:
     parser = ArgParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default="tiny", help=f"preset: {', '.join(PRESETS)}")
-    for cls in (GPTConfig, TrainConfig):
+    for cls in CONFIG_GROUPS:
         group = parser.add_argument_group(cls.__name__)
         hints = typing.get_type_hints(cls)
-        for f in fields(cls):
+        for f in own_fields(cls):
             _add_field(group, f, hints[f.name])
     return parser
 
@@ -205,29 +179,14 @@ def parse_args(argv=None, description: str = "") -> tuple[str, GPTConfig, TrainC
     return args.config, model, train
 
 
-_CHOICES = {
-    "optimizer": ("sgd", "momentum", "nesterov", "adamw"),
-    "schedule": ("cosine", "linear", "constant"),
-    "dtype": ("float32", "bfloat16", "float16"),
-    "overlong": ("truncate", "drop"),
-    "dataset": ("sft", "synthetic"),
-}
-
-
 def validate(model: GPTConfig, train: TrainConfig) -> None:
-    """Refuse settings that cannot work, before any weights are loaded."""
-    for name, choices in _CHOICES.items():
-        if getattr(train, name) not in choices:
-            raise UserError(f"{_flag(name)} must be one of {', '.join(choices)}, got {getattr(train, name)!r}")
-    unknown_targets = sorted(set(train.lora_targets) - set(LORA_TARGETS))
-    if unknown_targets:
-        raise UserError(f"--lora-targets: unknown {unknown_targets}; valid: {', '.join(LORA_TARGETS)}")
-    if model.n_embd % model.n_head:
-        raise UserError(f"n_embd ({model.n_embd}) must be divisible by n_head ({model.n_head})")
-    for name in ("rank", "batch_size", "grad_accum", "log_interval", "eval_interval", "save_interval"):
+    """Refuse settings that cannot work, before any weights are loaded. Each group checks its own
+    options in its own module; the rest are checked here."""
+    model.check()
+    for check in (DataConfig.check, LoRAConfig.check, OptimConfig.check):
+        check(train)
+    if train.dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {train.dtype!r}")
+    for name in ("batch_size", "grad_accum", "log_interval", "eval_interval", "save_interval"):
         if getattr(train, name) < 1:
             raise UserError(f"{_flag(name)} must be at least 1, got {getattr(train, name)}")
-    if train.lr <= 0 or train.min_lr < 0 or train.min_lr > train.lr:
-        raise UserError(f"need 0 <= --min-lr <= --lr and --lr > 0, got lr={train.lr}, min_lr={train.min_lr}")
-    if not 0.0 <= model.dropout < 1.0 or not 0.0 <= train.lora_dropout < 1.0:
-        raise UserError("dropout probabilities must be in [0, 1)")

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -27,7 +28,27 @@ from templates import build_prompt, get_template
 
 IGNORE_INDEX = -100  # label of a position that is not a target (prompt or padding)
 OVERLONG_CHOICES = ("truncate", "drop")
+DATASETS = ("sft", "synthetic")
 CACHE_VERSION = 1  # bump when the tokenisation or the cache layout changes
+
+
+@dataclass
+class DataConfig:
+    """The data options of a training run (flags --dataset, --data-dir, --template, ...)."""
+    dataset: str = "sft"  # "sft": data_dir/sft_{train,test}.json; "synthetic": built-in generated tasks
+    data_dir: str = "data"
+    template: str = "alpaca"
+    train_on_prompt: bool = False
+    overlong: str = "truncate"  # "truncate" or "drop" examples longer than the context
+    max_seq_len: int = 0  # 0 = the model's block_size
+    group_by_length: bool = True  # batches of similar length (little padding); off for random batches
+
+    def check(self) -> None:
+        if self.dataset not in DATASETS:
+            raise UserError(f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        if self.max_seq_len < 0:
+            raise UserError(f"--max-seq-len must be 0 (the model's context) or more, got {self.max_seq_len}")
+        _check_settings(self.template, max(self.max_seq_len, 1), self.overlong)
 
 # ----------------------------------------------------------------------------- records
 
@@ -163,7 +184,7 @@ def length_percentiles(lengths) -> dict:
 def _check_settings(template: str, max_len: int, overlong: str) -> None:
     get_template(template)
     if overlong not in OVERLONG_CHOICES:
-        raise UserError(f"overlong must be one of {', '.join(OVERLONG_CHOICES)}, got {overlong!r}")
+        raise UserError(f"--overlong must be one of {', '.join(OVERLONG_CHOICES)}, got {overlong!r}")
     if max_len < 1:
         raise UserError(f"max_len must be at least 1, got {max_len}")
 

@@ -15,7 +15,6 @@ import argparse
 import csv
 import io
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -23,17 +22,18 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
 import reward
-from checkpoints import run_base_source
-from data import SFTDataset, count_target_tokens, load_records, load_sft_split, sorted_batches
+from data import SFTDataset, load_records, load_sft_split
+from devices import pick_device
 from errors import UserError, run_cli
 from files import write_text_atomic
+from generation import (GenerationSettings, Loaded, add_generation_args, adapter_base, check_vocab,
+                        count_truncated_prompts, generate_responses, generation_settings, load_for_generation,
+                        load_weights, model_parser, prepare_for_generation, prompt_record)
 from model import GPT, resolve_checkpoint
-from sample import (GenerationSettings, Loaded, add_generation_args, adapter_base, check_vocab, count_truncated_prompts,
-                    generate_responses, generation_settings, load_for_generation, load_weights, model_parser,
-                    pick_device, prepare_for_generation, prompt_record)
+from runs import run_base_source
+from validation import evaluate_loss
 
 DEFAULT_OUT = "eval_out"  # without --run
 
@@ -108,18 +108,6 @@ def reward_prompt_text(record: dict) -> str:
 
 # ----------------------------------------------------------------------------- test loss
 
-@torch.no_grad()
-def response_loss(model: GPT, dataset: SFTDataset, pad_id: int, batch_size: int) -> float:
-    """Mean cross-entropy per response token (prompt tokens are not targets), over the whole set."""
-    device = model.lm_head.weight.device
-    total, n_targets = 0.0, 0
-    for x, y in sorted_batches(dataset, batch_size, pad_id):
-        _, loss = model(x.to(device), y.to(device), reduction="sum", targets_only=True)
-        total += loss.item()
-        n_targets += count_target_tokens(y)
-    return total / n_targets
-
-
 @dataclass
 class LossData:
     """Where the response loss is measured: records in memory, or the run's sft_test.json
@@ -191,7 +179,7 @@ def evaluate_model(name: str, model: GPT, loaded: Loaded, prompts, args, setting
                    test: Optional[LossData]) -> dict:
     """One model's responses and test loss."""
     rows = min(args.batch_size, len(prompts) * args.samples_per_prompt)  # sequences decoded together
-    prepare_for_generation(model, pick_device(args.device), rows)
+    prepare_for_generation(model, args.device, rows)
     budget = model.config.block_size - settings.max_new_tokens
     n_cut = count_truncated_prompts(loaded.tokenizer, prompts, loaded.template, max(budget, 1))
     if n_cut:
@@ -202,8 +190,8 @@ def evaluate_model(name: str, model: GPT, loaded: Loaded, prompts, args, setting
     result = {"responses": responses, "val_loss": None, "val_ppl": None}
     if test is not None:
         dataset = build_test_set(test, loaded, model.config.block_size)
-        loss = response_loss(model, dataset, loaded.tokenizer.eot_id, args.batch_size)
-        result.update(val_loss=loss, val_ppl=math.exp(min(loss, 50.0)), test_examples=len(dataset),
+        result.update(**evaluate_loss(model, dataset, args.batch_size, loaded.tokenizer.eot_id),
+                      test_examples=len(dataset),
                       test_target_tokens=dataset.stats["n_target_tokens"])
     return result
 
@@ -291,6 +279,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    args.device = pick_device(args.device)  # one decision, used for both models and the reward model
     settings = generation_settings(args)
     prompts = load_prompts(args.prompts) if args.prompts else None
     # Everything that can fail without network or on a bad path fails here, before any generation:
@@ -319,7 +308,7 @@ def main(argv=None) -> None:
     rewards, outcomes = None, None
     stats = dict.fromkeys(("win_rate", "tie_rate", "loss_rate", "win_rate_ci95"))
     if rm is not None:
-        rm.model.to(pick_device(args.device))
+        rm.model.to(args.device)
         rewards = {name: score_responses(rm, prompts, results[name]["responses"], args.reward_batch_size,
                                          f"{name}: reward") for name in ("tuned", "base")}
         identical = [t == b for t, b in zip(results["tuned"]["responses"], results["base"]["responses"])]

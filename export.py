@@ -11,67 +11,15 @@ files; the adapter folder loads with peft.PeftModel.from_pretrained on top of th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-from checkpoints import latest_checkpoint, read_hyperparams, run_base_source
 from errors import ArgParser, UserError, run_cli
-from lora import load_adapter, merge_lora, read_adapter_config, save_adapter
-from model import GPT
+from lora import merge_lora, save_adapter
+from runs import RunWeights, load_weights, run_weights
 from tokenizer import tokenizer_folder
 
 
-@dataclass
-class Source:
-    """Where the weights to export come from: a base plus a LoRA adapter, or a full model folder."""
-    base: str | None = None  # hub name or HF folder the adapter applies to
-    adapter_dir: Path | None = None  # PEFT adapter folder (LoRA runs)
-    model_dir: Path | None = None  # HF checkpoint folder (full fine-tuning runs)
-    tokenizer_dir: Path | None = None  # None leaves the choice to save_pretrained: the folder the
-    # model was loaded from (the base's, or model_dir's, own tokenizer files)
-
-
-def source_from_run(run_dir: Path, base_override: str | None = None) -> Source:
-    """The latest checkpoint of a run folder (layout in checkpoints.py) and what it needs."""
-    if not run_dir.is_dir():
-        raise UserError(f"run folder {run_dir} does not exist; pass --run runs/NAME of a training run")
-    hyperparams = read_hyperparams(run_dir)
-    try:
-        train = hyperparams["config"]["train"]
-        init_from, tokenizer = train.get("init_from"), train.get("tokenizer")
-    except (KeyError, TypeError, AttributeError):
-        raise UserError(f"{run_dir / 'hyperparams.json'}: no config.train; is this a run folder written by "
-                        "train_sft.py?") from None
-    step = latest_checkpoint(run_dir)
-    if step is None:
-        raise UserError(f"{run_dir}: no checkpoint yet (checkpoints/latest is missing or names no folder); "
-                        "train past save_interval steps, or export with --base and --adapter-dir")
-    if (step / "adapter").is_dir():
-        base = base_override or run_base_source(run_dir, init_from)
-        if base is None:
-            raise UserError(f"{run_dir}: LoRA run from random weights without a saved base_model/; "
-                            "pass --base with the base checkpoint folder")
-        return Source(base=base, adapter_dir=step / "adapter", tokenizer_dir=tokenizer_folder(tokenizer))
-    if (step / "model").is_dir():
-        return Source(model_dir=step / "model", tokenizer_dir=tokenizer_folder(tokenizer, step / "model", init_from))
-    raise UserError(f"{step}: neither adapter/ nor model/ inside; the checkpoint is incomplete, "
-                    "export an earlier one by editing checkpoints/latest")
-
-
-def load_source(source: Source) -> GPT:
-    """The model to export: the full checkpoint, or the base with the adapter applied."""
-    if source.model_dir is not None:
-        return GPT.from_pretrained(source.model_dir)
-    read_adapter_config(source.adapter_dir)  # fail on a bad adapter before loading the base
-    try:
-        model = GPT.from_pretrained(source.base)
-    except UserError as err:
-        raise UserError(f"base model {source.base!r}: {err} (set the base with --base)") from None
-    load_adapter(model, source.adapter_dir)
-    return model
-
-
-def export(source: Source, merged_out: Path | None = None, adapter_out: Path | None = None) -> list[str]:
+def export(source: RunWeights, merged_out: Path | None = None, adapter_out: Path | None = None) -> list[str]:
     """Write the requested folders; returns one line per folder written."""
     if source.adapter_dir is None and adapter_out is not None:
         raise UserError(f"{source.model_dir} is a full fine-tuning checkpoint: there is no adapter to "
@@ -86,7 +34,7 @@ def export(source: Source, merged_out: Path | None = None, adapter_out: Path | N
     if merged_out is not None and adapter_out is not None and merged_out.resolve() == adapter_out.resolve():
         raise UserError("--merged and --adapter must be different folders (transformers would load the "
                         "adapter on top of the merged weights)")
-    model = load_source(source)
+    model = load_weights(source)
     done = []
     if adapter_out is not None:
         save_adapter(model, adapter_out, source.base)
@@ -118,11 +66,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.merged is None and args.adapter is None:
         raise UserError("nothing to write: give --merged OUT and/or --adapter OUT")
     if args.run is not None:
-        source = source_from_run(args.run, args.base)
+        source = run_weights(args.run, base_override=args.base)
     elif args.base is None:
         raise UserError("--adapter-dir needs --base, the model the adapter was trained on")
     else:
-        source = Source(base=args.base, adapter_dir=args.adapter_dir)
+        source = RunWeights(base=args.base, adapter_dir=args.adapter_dir, tokenizer_dir=tokenizer_folder(args.base))
     for line in export(source, args.merged, args.adapter):
         print(line)
 

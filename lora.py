@@ -17,12 +17,12 @@ import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configs import LORA_TARGETS
 from errors import UserError
 from files import write_atomic, write_text_atomic
 from model import read_weights_file, state_mismatches
@@ -30,7 +30,24 @@ from model import read_weights_file, state_mismatches
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> GPT2LMHeadModel
-OPTIMIZER_BUFFERS = {"sgd": 0, "momentum": 1, "nesterov": 1, "adamw": 2}  # state tensors per parameter
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+@dataclass
+class LoRAConfig:
+    """The LoRA options of a training run (flags --lora, --rank, ...); `settings` turns them into the
+    LoRASettings that apply_lora uses and returns."""
+    lora: bool = False
+    rank: int = 16
+    alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    lora_layers: Optional[tuple[int, ...]] = None  # None = every block
+    rslora: bool = False
+
+    def check(self) -> None:
+        """Refuse impossible options before any weights load (the layers need the model's depth)."""
+        check_lora_options(self.rank, self.alpha, self.lora_dropout, self.lora_targets)
 
 
 class LoRALinear(nn.Linear):
@@ -132,18 +149,25 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
     return settings
 
 
-def _make_settings(n_layer, rank, alpha, dropout, targets, layers, rslora) -> LoRASettings:
+def check_lora_options(rank, alpha, dropout, targets) -> tuple[str, ...]:
+    """The checks that do not need the model; returns the targets as a tuple."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise UserError(f"LoRA rank must be a positive integer, got {rank!r}")
+        raise UserError(f"--rank must be at least 1 (the LoRA rank, an integer), got {rank!r}")
     if not alpha > 0:
-        raise UserError(f"LoRA alpha must be positive, got {alpha!r}")
+        raise UserError(f"--alpha must be positive (the LoRA alpha), got {alpha!r}")
     if not 0.0 <= dropout < 1.0:
-        raise UserError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        raise UserError(f"--lora-dropout: dropout probabilities must be in [0, 1), got {dropout!r}")
     if isinstance(targets, str):
         targets = (targets,)
     unknown = sorted(set(targets) - set(LORA_TARGETS))
     if unknown or not targets:
-        raise UserError(f"LoRA targets: unknown or none {unknown}; choose from {', '.join(LORA_TARGETS)}")
+        raise UserError(f"--lora-targets: {f'unknown {unknown}' if unknown else 'none given'}; "
+                        f"valid: {', '.join(LORA_TARGETS)}")
+    return tuple(targets)
+
+
+def _make_settings(n_layer, rank, alpha, dropout, targets, layers, rslora) -> LoRASettings:
+    targets = check_lora_options(rank, alpha, dropout, targets)
     if layers is not None:
         bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not -n_layer <= i < n_layer]
         if bad or not layers:
@@ -207,63 +231,6 @@ def _require_lora(model: nn.Module) -> dict[tuple[int, str], LoRALinear]:
     if not modules:
         raise UserError("the model has no LoRA adapters; call apply_lora or load_adapter first")
     return modules
-
-
-# ---------------------------------------------------------------------------- parameter report
-
-def param_report(model: nn.Module, optimizer: str, dtype_bytes: int = 4) -> dict:
-    """Parameter counts and the memory that weights, gradients and optimizer state will take.
-
-    Estimates assume `dtype_bytes` per element for weights, gradients and optimizer state (PyTorch
-    keeps grads and optimizer state in the parameter's dtype); gradients and state exist only for
-    trainable parameters. Activations are not included. Works without LoRA (full fine-tuning)."""
-    if optimizer not in OPTIMIZER_BUFFERS:
-        raise UserError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZER_BUFFERS)}")
-    gpt = unwrap(model)
-    params = list(gpt.parameters())  # a tied weight (wte = lm_head) is yielded once
-    total = sum(p.numel() for p in params)
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    by_target: dict[str, int] = {}
-    for (_, target), module in lora_modules(gpt).items():
-        by_target[target] = by_target.get(target, 0) + module.lora_A.weight.numel() + module.lora_B.weight.numel()
-    lora = sum(by_target.values())
-    buffers = OPTIMIZER_BUFFERS[optimizer]
-    memory = {"weights": total * dtype_bytes, "gradients": trainable * dtype_bytes,
-              "optimizer_state": trainable * buffers * dtype_bytes}
-    memory["total"] = sum(memory.values())
-    settings = lora_settings(gpt)
-    return {
-        "total": total, "trainable": trainable, "frozen": total - trainable, "lora": lora,
-        "trainable_fraction": trainable / total if total else 0.0,
-        "lora_by_target": by_target,
-        "lora_settings": settings.to_dict() if settings else None,
-        "optimizer": optimizer, "optimizer_buffers_per_param": buffers, "dtype_bytes": dtype_bytes,
-        "memory_bytes": memory,
-        "memory_mb": {k: round(v / 2**20, 2) for k, v in memory.items()},  # MB = 2**20 bytes
-    }
-
-
-def format_param_report(report: dict) -> str:
-    """A few lines for the start of training."""
-    mem = report["memory_bytes"]
-    lines = [f"parameters: total {_count(report['total'])}, trainable {_count(report['trainable'])} "
-             f"({100 * report['trainable_fraction']:.2f}%), LoRA {_count(report['lora'])}"]
-    if report["lora_by_target"]:
-        lines.append("  LoRA per target: " + ", ".join(f"{t} {_count(n)}" for t, n in report["lora_by_target"].items()))
-        if report["trainable"] != report["lora"]:
-            lines.append(f"  WARNING: {_count(report['trainable'] - report['lora'])} trainable parameters are not LoRA")
-    lines.append(f"memory estimate ({report['optimizer']}, {report['dtype_bytes']} bytes/value): weights "
-                 f"{_size(mem['weights'])}, gradients {_size(mem['gradients'])}, optimizer state "
-                 f"{_size(mem['optimizer_state'])}, total {_size(mem['total'])} (activations not included)")
-    return "\n".join(lines)
-
-
-def _count(n: int) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
-
-
-def _size(n_bytes: int) -> str:
-    return f"{n_bytes / 2**20:.1f} MB" if n_bytes >= 2**20 else f"{n_bytes / 2**10:.1f} KB"
 
 
 # ---------------------------------------------------------------------------- adapter state

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,12 +19,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from configs import GPTConfig
+from data import IGNORE_INDEX
 from errors import UserError
 from files import write_atomic, write_text_atomic
 from tokenizer import tokenizer_files
 
-IGNORE_INDEX = -100  # target value of positions that do not count in the loss
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # maximum context length (HF: n_positions)
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # one knob for embedding, attention and residual dropout
+    layer_norm_epsilon: float = 1e-5
+    grad_checkpointing: bool = False  # recompute each block in backward to save activation memory
+
+    def check(self) -> None:
+        if self.n_embd % self.n_head:
+            raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"--dropout: dropout probabilities must be in [0, 1), got {self.dropout}")
 
 
 class KVCache:
@@ -109,7 +127,6 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
-        self.checkpoint_dir: Path | None = None  # set by from_pretrained; tells save_pretrained the tokenizer
         self.apply(self._init_weights)
         # GPT-2 scales the init of the projections that write into the residual stream by depth.
         for name, p in self.named_parameters():
@@ -145,23 +162,43 @@ class GPT(nn.Module):
             cache.length += T
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None, *, reduction: str = "mean", targets_only: bool = False):
+    def forward(self, idx, targets=None, *, reduction: str = "mean", targets_only: bool = False,
+                n_targets: int | None = None, ce_chunk: int = 0):
         """Returns (logits, loss). Targets are already shifted (targets[:, t] follows idx[:, t]);
         IGNORE_INDEX marks positions without one. reduction "sum" lets a training step divide by
-        the target tokens of all its micro-batches. targets_only runs the vocabulary head only
-        where a target exists, returning logits of shape [n_targets, vocab]: in SFT most
-        positions are the masked prompt or padding, and the head is the largest matmul."""
+        the target tokens of all its micro-batches.
+
+        targets_only runs the vocabulary head and the loss only where a target exists, ce_chunk
+        rows at a time (0: all at once), and returns no logits: in SFT most positions are the
+        masked prompt or padding, and the head is the largest matmul. n_targets, the number of
+        targets, fixes the shapes; the training loop counts it on the host for free. Left None,
+        it is read from the device (a sync, and a graph break under torch.compile)."""
         h = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(h), None
         if targets_only:
-            keep = targets != IGNORE_INDEX
-            logits = self.lm_head(h[keep])
-            return logits, F.cross_entropy(logits, targets[keep], reduction=reduction)
+            return None, self.target_loss(h, targets, reduction, n_targets, ce_chunk)
+        if n_targets is not None or ce_chunk:
+            raise ValueError("n_targets and ce_chunk apply to targets_only=True (this path returns every logit)")
         logits = self.lm_head(h)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction=reduction)
         return logits, loss
+
+    def target_loss(self, h, targets, reduction: str, n_targets: int | None, ce_chunk: int):
+        """Cross-entropy of the head on the target rows of h [B, T, C]. The rows are gathered by
+        index with a static shape, not by a boolean mask, whose shape only the device knows."""
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum' with targets_only, got {reduction!r}")
+        if ce_chunk < 0:
+            raise ValueError(f"ce_chunk must be >= 0 (0: one chunk), got {ce_chunk}")
+        flat = targets.reshape(-1)
+        if n_targets is None:
+            n_targets = int((flat != IGNORE_INDEX).sum())
+        rows = target_rows(flat, n_targets)
+        total = chunked_head_loss(h.reshape(-1, h.size(-1)).index_select(0, rows), self.lm_head.weight,
+                                  flat.index_select(0, rows), ce_chunk or max(n_targets, 1))
+        return total if reduction == "sum" else total / n_targets
 
     # ------------------------------------------------------------------ generation
 
@@ -224,7 +261,6 @@ class GPT(nn.Module):
         config = dataclasses.replace(config_from_hf(folder), **overrides)  # a misspelt field is a TypeError
         model = cls(config)
         model.load_hf_state_dict(read_hf_state_dict(folder), origin=str(folder))
-        model.checkpoint_dir = folder
         return model
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor], origin: str = "checkpoint") -> None:
@@ -258,7 +294,6 @@ class GPT(nn.Module):
         write_atomic(folder / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
         config = json.dumps(config_to_hf(self.config), indent=2)
         write_text_atomic(folder / "config.json", config)
-        tokenizer_dir = tokenizer_dir or self.checkpoint_dir
         if tokenizer_dir is not None:
             copy_tokenizer_files(Path(tokenizer_dir), folder)
 
@@ -295,6 +330,70 @@ def _strip_after_eot(tokens: list[int], eot_id: int | None) -> list[int]:
 
 
 # ---------------------------------------------------------------------- HF checkpoint format
+
+# ---------------------------------------------------------------------------- chunked head + loss
+
+def target_rows(targets: torch.Tensor, n_targets: int) -> torch.Tensor:
+    """Indices of the first n_targets positions of flat targets that have a target, in order.
+    A stable sort of the ignore flags puts those positions first: the shape is known in advance,
+    unlike nonzero's. n_targets must be the true count (a larger one selects ignored positions,
+    and the gather of their -100 target then fails; a smaller one drops targets)."""
+    return torch.argsort((targets == IGNORE_INDEX).to(torch.uint8), stable=True)[:n_targets]
+
+
+def chunked_head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Summed cross-entropy of the vocabulary head (logits = h @ weight.T) over the rows h [n, C]
+    against targets [n], at most `chunk` rows of logits alive at a time, in forward and backward.
+
+    Under autocast the matmuls run in its dtype and the softmax and loss in float32, as autocast
+    runs linear and cross_entropy. Gradients flow into h and, when it requires grad (full
+    fine-tuning; not LoRA), into weight (the embedding, tied to the head)."""
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    grads = torch.is_grad_enabled()
+    return _ChunkedHeadLoss.apply(h, weight, targets, chunk, dtype,
+                                  grads and h.requires_grad, grads and weight.requires_grad)
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """A loop of chunks under plain autograd would keep every chunk's softmax for backward, all the
+    logits again. Here forward computes each chunk's loss and its gradients with respect to the
+    chunk's rows and to the weight, then drops the chunk; backward only scales those gradients
+    by the incoming one. What lives from forward to backward is the size of h (and of weight)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk: int, dtype: torch.dtype, grad_h: bool, grad_w: bool):
+        w = weight.to(dtype)  # once, not once per chunk; no copy without autocast
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        dh = torch.empty_like(h) if grad_h else None
+        dw = torch.zeros_like(weight) if grad_w else None  # summed over chunks in the weight's dtype
+        for start in range(0, h.size(0), chunk):
+            hc, tc = h[start:start + chunk].to(dtype), targets[start:start + chunk]
+            logits = F.linear(hc, w).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total = total + (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            if not (grad_h or grad_w):
+                continue
+            # d(loss)/d(logits) = softmax - one_hot(target), made in place in the logits' buffer
+            probs = logits.sub_(lse[:, None]).exp_()
+            probs.scatter_add_(1, tc[:, None], torch.full_like(lse[:, None], -1.0))
+            dlogits = probs.to(dtype)
+            if grad_h:
+                dh[start:start + chunk] = dlogits @ w
+            if grad_w and dw.dtype == dtype:
+                dw.addmm_(dlogits.t(), hc)  # no [vocab, C] temporary
+            elif grad_w:
+                dw += dlogits.t() @ hc  # the autocast dtype's product, summed in the weight's
+        ctx.grad_h, ctx.grad_w = grad_h, grad_w
+        ctx.save_for_backward(dh, dw)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        dh, dw = ctx.saved_tensors
+        return (dh * grad_total if ctx.grad_h else None, dw * grad_total if ctx.grad_w else None,
+                None, None, None, None, None)
+
 
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "gpt2", "openai-community/gpt2"; not "./x", "a/b/c"

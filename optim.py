@@ -1,4 +1,4 @@
-"""Optimizers and learning-rate schedules for fine-tuning.
+"""Optimizers, parameter groups, learning-rate schedules, and the parameter/memory report.
 
 Parameter groups carry an `lr_scale` (layer-wise lr decay) that the schedule multiplies in, so
 the schedule is a plain function of the step: nothing to save but the step itself.
@@ -7,11 +7,44 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from configs import TrainConfig
+import lora
+from errors import UserError
+
+# optimizer -> state tensors it keeps per parameter (momentum buffer; Adam's two moments)
+OPTIMIZERS = {"sgd": 0, "momentum": 1, "nesterov": 1, "adamw": 2}
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class OptimConfig:
+    """The optimisation options of a training run (flags --optimizer, --lr, ...)."""
+    optimizer: str = "adamw"  # sgd | momentum | nesterov | adamw
+    lr: float = 3e-4
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    llrd: float = 1.0  # layer-wise lr decay: block i gets lr * llrd ** (n_layer - i)
+    freeze_layers: int = 0  # freeze the first N blocks (and the embeddings) in full fine-tuning
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup: float = 0.03  # < 1: fraction of the total steps; >= 1: number of steps
+    min_lr: float = 0.0
+    grad_clip: float = 1.0  # 0 = off
+
+    def check(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise UserError(f"need 0 <= --min-lr <= --lr and --lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+
 
 _BLOCK_INDEX = re.compile(r"\.h\.(\d+)\.")
 
@@ -32,7 +65,7 @@ def freeze_first_blocks(model: nn.Module, n_blocks: int) -> None:
             p.requires_grad_(False)
 
 
-def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Weight decay only on matrices (>= 2-D: linears, embeddings), never on biases and
     LayerNorms; one group per (depth, decay) when layer-wise lr decay is on."""
     n_layer = model.config.n_layer
@@ -46,7 +79,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
             for (scale, decay), params in groups.items()]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
     if cfg.optimizer == "adamw":
         # The fused kernel is CUDA-only; foreach (multi-tensor) is the fast path elsewhere.
@@ -57,11 +90,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
                            foreach=True)
 
 
-def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
     return int(round(cfg.warmup * total_steps)) if cfg.warmup < 1 else int(cfg.warmup)
 
 
-def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup from lr/warmup to lr,
     then cosine or linear decay to min_lr at the last step, or constant."""
     warmup = warmup_steps(cfg, total_steps)
@@ -81,3 +114,60 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
+
+
+# ---------------------------------------------------------------------------- parameter report
+
+def param_report(model: nn.Module, optimizer: str, dtype_bytes: int = 4) -> dict:
+    """Parameter counts and the memory that weights, gradients and optimizer state will take.
+
+    Estimates assume `dtype_bytes` per element for weights, gradients and optimizer state (PyTorch
+    keeps grads and optimizer state in the parameter's dtype); gradients and state exist only for
+    trainable parameters. Activations are not included. Works without LoRA (full fine-tuning)."""
+    if optimizer not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    gpt = lora.unwrap(model)
+    params = list(gpt.parameters())  # a tied weight (wte = lm_head) is yielded once
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    by_target: dict[str, int] = {}
+    for (_, target), module in lora.lora_modules(gpt).items():
+        by_target[target] = by_target.get(target, 0) + module.lora_A.weight.numel() + module.lora_B.weight.numel()
+    n_lora = sum(by_target.values())
+    buffers = OPTIMIZERS[optimizer]
+    memory = {"weights": total * dtype_bytes, "gradients": trainable * dtype_bytes,
+              "optimizer_state": trainable * buffers * dtype_bytes}
+    memory["total"] = sum(memory.values())
+    settings = lora.lora_settings(gpt)
+    return {
+        "total": total, "trainable": trainable, "frozen": total - trainable, "lora": n_lora,
+        "trainable_fraction": trainable / total if total else 0.0,
+        "lora_by_target": by_target,
+        "lora_settings": settings.to_dict() if settings else None,
+        "optimizer": optimizer, "optimizer_buffers_per_param": buffers, "dtype_bytes": dtype_bytes,
+        "memory_bytes": memory,
+        "memory_mb": {k: round(v / 2**20, 2) for k, v in memory.items()},  # MB = 2**20 bytes
+    }
+
+
+def format_param_report(report: dict) -> str:
+    """A few lines for the start of training."""
+    mem = report["memory_bytes"]
+    lines = [f"parameters: total {_count(report['total'])}, trainable {_count(report['trainable'])} "
+             f"({100 * report['trainable_fraction']:.2f}%), LoRA {_count(report['lora'])}"]
+    if report["lora_by_target"]:
+        lines.append("  LoRA per target: " + ", ".join(f"{t} {_count(n)}" for t, n in report["lora_by_target"].items()))
+        if report["trainable"] != report["lora"]:
+            lines.append(f"  WARNING: {_count(report['trainable'] - report['lora'])} trainable parameters are not LoRA")
+    lines.append(f"memory estimate ({report['optimizer']}, {report['dtype_bytes']} bytes/value): weights "
+                 f"{_size(mem['weights'])}, gradients {_size(mem['gradients'])}, optimizer state "
+                 f"{_size(mem['optimizer_state'])}, total {_size(mem['total'])} (activations not included)")
+    return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:.1f} MB" if n_bytes >= 2**20 else f"{n_bytes / 2**10:.1f} KB"

@@ -87,6 +87,38 @@ def _encoding_from_files(vocab_path: Path, merges_path: Path) -> tiktoken.Encodi
     )
 
 
+def _merge_parts(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    """The two tokens that BPE merged last to make `token`: replay the merges of lower rank."""
+    parts, limit = [bytes([b]) for b in token], ranks[token]
+    while len(parts) > 2:
+        rank, i = min((ranks.get(parts[i] + parts[i + 1], limit), i) for i in range(len(parts) - 1))
+        if rank >= limit:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    if len(parts) != 2:
+        raise ValueError(f"token {token!r} is not a merge of two tokens")
+    return parts[0], parts[1]
+
+
+def save_tokenizer(tokenizer: Tokenizer, folder: Path) -> None:
+    """Write vocab.json + merges.txt (Hugging Face's names) of this tokenizer into `folder`: the
+    files it was read from, or, for tiktoken's gpt2, the same data recovered from its ranks (a
+    token's rank is its id, and its merge is the pair that replaying lower-ranked merges leaves)."""
+    from files import write_atomic
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ranks = tokenizer.encoding._mergeable_ranks  # tiktoken keeps no public accessor for them
+    to_char = bytes_to_unicode()
+    text = lambda b: "".join(to_char[x] for x in b)  # noqa: E731 - GPT-2's printable spelling
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    vocab[ENDOFTEXT] = tokenizer.eot_id
+    merges = ["#version: 0.2"] + [" ".join(text(p) for p in _merge_parts(token, ranks))
+                                  for token, _ in sorted(ranks.items(), key=lambda kv: kv[1]) if len(token) > 1]
+    vocab_json, merges_txt = json.dumps(vocab, ensure_ascii=False), "\n".join(merges) + "\n"
+    write_atomic(folder / "vocab.json", lambda tmp: tmp.write_text(vocab_json, encoding="utf-8"))
+    write_atomic(folder / "merges.txt", lambda tmp: tmp.write_text(merges_txt, encoding="utf-8"))
+
+
 def tokenizer_files(folder: Path) -> tuple[Path, Path] | None:
     """(vocab, merges) in a folder, under HF's names or OpenAI's (encoder.json, vocab.bpe)."""
     for vocab, merges in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
@@ -99,6 +131,13 @@ def tokenizer_folder(*candidates: str | os.PathLike | None) -> Path | None:
     """The first candidate that is a folder holding GPT-2 tokenizer files (a checkpoint usually
     does); None if none is, which load_tokenizer reads as the standard GPT-2 vocabulary."""
     return next((Path(c) for c in candidates if c and Path(c).is_dir() and tokenizer_files(Path(c))), None)
+
+
+def tokenizer_for(weights: str | os.PathLike | None, override: str | os.PathLike | None = None) -> Tokenizer:
+    """The tokenizer that goes with a checkpoint (a folder or hub name): `override` (--tokenizer) if
+    given, else the files beside the weights, else GPT-2's standard vocabulary. A run folder's
+    tokenizer is its own copy instead (runs.run_tokenizer)."""
+    return load_tokenizer(override or tokenizer_folder(weights))
 
 
 def load_tokenizer(source: str | os.PathLike | None = None) -> Tokenizer:

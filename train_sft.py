@@ -3,42 +3,43 @@
     python train_sft.py --config gpt2-medium/lora --rank 16
     torchrun --nproc_per_node=2 train_sft.py --config gpt2/lora
 
-Everything a run produces lands in runs/<run-name>/ (see README). One optimizer step sums the
+Everything a run produces lands in runs/<run-name>/ (see runs.py). One optimizer step sums the
 token losses of its micro-batches (and of all DDP ranks) and divides by the number of target
 tokens in the whole step, so every target token weighs the same however the step is split.
+
+Reading order: `setup` builds everything a run needs (model, tokenizer, data, optimizer) before
+the run folder exists; `Trainer.train_step` is one optimizer step; `Trainer.run` is the loop;
+`main` ties them to the command line and the run folder.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import platform
-import re
-import resource
 import signal
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import devices
 import lora
 import optim
-from checkpoints import latest_checkpoint, load_state, read_hyperparams, save_checkpoint
+import runs
 from configs import GPTConfig, TrainConfig, config_from_dict, config_to_dict, parse_args
-from data import LengthGroupedBatchSampler, SFTDataset, collate, count_target_tokens, load_sft_split, sorted_batches
+from data import LengthGroupedBatchSampler, SFTDataset, collate, count_target_tokens, load_sft_split
 from errors import UserError, run_cli
-from files import write_json_atomic
-from model import GPT, read_hf_state_dict
-from plotting import RunFolderError, plot_run
+from generation import GenerationSettings, generate_responses
+from model import GPT, config_to_hf, read_hf_state_dict
 from synthetic import SYNTHETIC_SIZES, exact_match, make_synthetic_split
-from templates import build_prompt
-from tokenizer import Tokenizer, load_tokenizer, tokenizer_folder
+from tokenizer import Tokenizer, tokenizer_for
+from validation import evaluate_loss
 
 EXACT_MATCH_LIMIT = 200  # held-out synthetic prompts answered greedily at each evaluation
 
@@ -56,400 +57,335 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed(device: str) -> Dist:
+def setup_distributed(device: torch.device) -> Dist:
     """torchrun sets RANK/WORLD_SIZE; NCCL on GPUs, gloo on CPU."""
-    if "RANK" not in os.environ:
+    if not dist.is_torchelastic_launched():
         return Dist()
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend)
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(devices.dist_backend(device))
+    return Dist(dist.get_rank(), dist.get_world_size(), devices.local_rank() or 0)
 
 
-def pick_device(name: str, ddp: Dist) -> str:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return f"cuda:{ddp.local_rank}" if ddp.world > 1 else "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
-    return name
+def barrier(ddp: Dist) -> None:
+    if ddp.world > 1:
+        dist.barrier()
 
 
-def build_model(model_cfg: GPTConfig, train: TrainConfig) -> GPT:
-    """Pretrained weights (whose config.json fixes the architecture) or a fresh init, then LoRA
-    or the freezing rules of full fine-tuning."""
-    if train.init_from:
-        model = GPT.from_pretrained(train.init_from, dropout=model_cfg.dropout,
+def build_model(model_cfg: GPTConfig, cfg: TrainConfig) -> tuple[GPT, Optional[lora.LoRASettings]]:
+    """Pretrained weights (whose config.json fixes the architecture) or a fresh init; then LoRA
+    (everything else frozen) or the freezing rules of full fine-tuning."""
+    if cfg.init_from:
+        model = GPT.from_pretrained(cfg.init_from, dropout=model_cfg.dropout,
                                     grad_checkpointing=model_cfg.grad_checkpointing)
     else:
-        torch.manual_seed(train.seed)
+        torch.manual_seed(cfg.seed)
         model = GPT(model_cfg)
-    if train.lora:
-        lora.apply_lora(model, train.rank, train.alpha, dropout=train.lora_dropout, targets=train.lora_targets,
-                        layers=train.lora_layers, rslora=train.rslora)
-    elif train.freeze_layers:
-        optim.freeze_first_blocks(model, train.freeze_layers)
-    return model
-
-
-def load_datasets(train: TrainConfig, tokenizer: Tokenizer, max_len: int) -> tuple[SFTDataset, SFTDataset, list]:
-    """(train set, test set, test records) for the run's dataset."""
-    options = dict(tokenizer=tokenizer, template=train.template, max_len=max_len,
-                   train_on_prompt=train.train_on_prompt, overlong=train.overlong)
-    if train.dataset == "synthetic":
-        train_records, test_records = make_synthetic_split(*SYNTHETIC_SIZES, seed=train.seed)
-        return (SFTDataset.from_records(train_records, **options),
-                SFTDataset.from_records(test_records, **options), test_records)
-    train_set = load_sft_split(train.data_dir, "train", **options)
-    test_set = load_sft_split(train.data_dir, "test", **options)
-    return train_set, test_set, test_set.records
-
-
-# ----------------------------------------------------------------------------- run folder
-
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
-
-
-def run_folder(train: TrainConfig, preset_name: str) -> Path:
-    """A new run folder: the given name (refused if unsafe or taken) or a readable unique one."""
-    root = Path(train.out_dir)
-    if train.run_name is not None:
-        if not _SAFE_NAME.match(train.run_name) or ".." in train.run_name:
-            raise UserError(f"--run-name {train.run_name!r}: use letters, digits, '.', '_', '-' (no path separators or '..')")
-        if (root / train.run_name).exists():
-            raise UserError(f"{root / train.run_name} already exists; pass --resume {root / train.run_name} or another --run-name")
-        return root / train.run_name
-    method = f"lora-r{train.rank}" if train.lora else "full"
-    base = f"{preset_name.split('/')[0]}-{method}-{train.optimizer}-lr{train.lr:g}-{datetime.now():%Y%m%d-%H%M%S}"
-    name, n = base, 1
-    while (root / name).exists():
-        n += 1
-        name = f"{base}-{n}"
-    return root / name
-
-
-def process_memory_mb() -> dict:
-    """This process's resident memory now and its high-water mark, in MB (2**20 bytes). On Linux
-    both come from /proc/self/status: VmHWM is this process's own peak, whereas getrusage's
-    ru_maxrss carries a larger parent's peak across fork + exec (torchrun, pytest). Elsewhere
-    (macOS) only the peak is known, from ru_maxrss, which macOS counts in bytes."""
-    try:
-        status = Path("/proc/self/status").read_text()
-    except OSError:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return {"peak_rss_mb": peak / 2**20 if sys.platform == "darwin" else peak / 1024}
-    kb = {name: int(value.split()[0]) for name, value in
-          (line.split(":", 1) for line in status.splitlines()) if name in ("VmRSS", "VmHWM")}
-    return {"rss_mb": kb["VmRSS"] / 1024, "peak_rss_mb": kb["VmHWM"] / 1024}
-
-
-def memory_now(device: str) -> dict:
-    """Peak CUDA memory since the last call, or the process RSS on CPU (current and peak)."""
-    if device.startswith("cuda"):
-        stats = {"peak_alloc_mb": torch.cuda.max_memory_allocated() / 2**20,
-                 "peak_reserved_mb": torch.cuda.max_memory_reserved() / 2**20}
-        torch.cuda.reset_peak_memory_stats()
-        return stats
-    return process_memory_mb()
+    settings = None
+    if cfg.lora:
+        settings = lora.apply_lora(model, cfg.rank, cfg.alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets,
+                                   layers=cfg.lora_layers, rslora=cfg.rslora)
+    elif cfg.freeze_layers:
+        optim.freeze_first_blocks(model, cfg.freeze_layers)
+    return model, settings
 
 
 @dataclass
-class Metrics:
-    """metrics.json: rewritten atomically at every record, so it is always valid JSON."""
-    path: Path
-    run_name: str
-    records: list = field(default_factory=list)
-    status: str = "running"
-    summary: dict = field(default_factory=dict)
+class Datasets:
+    train: SFTDataset
+    test: SFTDataset
+    test_records: list  # the test records, for exact match and the fixed samples
 
-    def add(self, record: dict) -> None:
-        self.records.append({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()})
-        self.write()
 
-    def write(self) -> None:
-        write_json_atomic(self.path, {"run_name": self.run_name, "status": self.status,
-                                      "records": self.records, "summary": self.summary})
+def load_datasets(cfg: TrainConfig, tokenizer: Tokenizer, max_len: int) -> Datasets:
+    options = dict(tokenizer=tokenizer, template=cfg.template, max_len=max_len,
+                   train_on_prompt=cfg.train_on_prompt, overlong=cfg.overlong)
+    if cfg.dataset == "synthetic":
+        train_records, test_records = make_synthetic_split(*SYNTHETIC_SIZES, seed=cfg.seed)
+        return Datasets(SFTDataset.from_records(train_records, **options),
+                        SFTDataset.from_records(test_records, **options), test_records)
+    test = load_sft_split(cfg.data_dir, "test", **options)
+    return Datasets(load_sft_split(cfg.data_dir, "train", **options), test, test.records)
 
-    def finish(self, status: str, elapsed: float, train_time: float, device: str) -> None:
-        train = [r for r in self.records if "train_loss" in r]
-        evals = [r for r in self.records if "val_loss" in r]
-        peak_key = "peak_alloc_mb" if device.startswith("cuda") else "peak_rss_mb"
-        self.status = status
-        self.summary = {
-            "total_time_s": round(elapsed, 2),
-            "steps": train[-1]["step"] if train else 0,
-            "peak_mem_mb": max((r.get(peak_key, 0.0) for r in train), default=None),
-            "best_val_loss": min((r["val_loss"] for r in evals), default=None),
-            "final_val_loss": evals[-1]["val_loss"] if evals else None,
-            "train_time_s": round(train_time, 2),
-            # training steps only: evaluation and checkpointing time is not in the denominator
-            "tokens_per_s": round(train[-1]["tokens"] / train_time, 1) if train and train_time > 0 else None,
-        }
-        self.write()
+
+@dataclass
+class Setup:
+    """Everything a run needs, built before its folder exists."""
+    model_cfg: GPTConfig
+    cfg: TrainConfig
+    ddp: Dist
+    device: torch.device
+    tokenizer: Tokenizer
+    raw_model: GPT  # the GPT itself; `model` may be it compiled and/or DDP-wrapped
+    model: torch.nn.Module
+    lora_settings: Optional[lora.LoRASettings]
+    data: Datasets
+    sampler: LengthGroupedBatchSampler
+    steps_per_epoch: int
+    total_steps: int
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    compute_dtype: Optional[torch.dtype]  # autocast dtype; None = float32
+
+    def precision(self):
+        """Autocast in the run's compute dtype (a no-op in float32)."""
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+
+def setup(model_cfg: GPTConfig, cfg: TrainConfig, ddp: Dist, device: torch.device, facts: devices.Facts,
+          datasets: Optional[Datasets] = None, weights_from: Optional[Path] = None) -> Setup:
+    """Build the model (with a checkpoint's weights when resuming), tokenizer, data, sampler and
+    optimizer. `datasets` replaces the configured data: the benchmarks feed their own examples."""
+    tokenizer = tokenizer_for(cfg.init_from, cfg.tokenizer)
+    raw_model, settings = build_model(model_cfg, cfg)
+    if weights_from is not None:
+        restore_weights(raw_model, weights_from)
+    raw_model.to(device)
+    if tokenizer.vocab_size > raw_model.config.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                        f"{raw_model.config.vocab_size}; use the model's own tokenizer")
+    max_len = min(cfg.max_seq_len or 10**9, raw_model.config.block_size)
+    data = datasets or load_datasets(cfg, tokenizer, max_len)
+    if len(data.train) == 0:
+        raise UserError("no training examples left after tokenisation (all dropped as too long?)")
+    sampler = LengthGroupedBatchSampler(data.train.lengths, cfg.batch_size, seed=cfg.seed,
+                                        group_by_length=cfg.group_by_length, num_replicas=ddp.world, rank=ddp.rank)
+    steps_per_epoch = sampler.batches_per_epoch // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(data.train)} examples make less than one step of "
+                        f"{cfg.batch_size} x {cfg.grad_accum} x {ddp.world}; lower --batch-size or --grad-accum")
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    if ddp.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=devices.ddp_device_ids(device))
+    compute_dtype = devices.compute_dtype(cfg.dtype, device, facts)
+    return Setup(model_cfg=model_cfg, cfg=cfg, ddp=ddp, device=device, tokenizer=tokenizer, raw_model=raw_model,
+                 model=model, lora_settings=settings, data=data, sampler=sampler, steps_per_epoch=steps_per_epoch,
+                 total_steps=cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch),
+                 optimizer=optim.build_optimizer(raw_model, cfg, device.type),
+                 scaler=torch.amp.GradScaler(device.type, enabled=devices.needs_grad_scaler(compute_dtype)),
+                 compute_dtype=compute_dtype)
+
+
+def restore_weights(model: GPT, checkpoint: Path) -> None:
+    kind, folder = runs.checkpoint_weights(checkpoint)
+    if kind == "adapter":
+        lora.load_adapter_state_dict(model, lora.read_adapter_weights(folder))
+    else:
+        model.load_hf_state_dict(read_hf_state_dict(folder), origin=str(checkpoint))
 
 
 # ----------------------------------------------------------------------------- the trainer
+
+class MicroBatch(NamedTuple):
+    x: torch.Tensor  # [B, T] token ids, on the device
+    y: torch.Tensor  # [B, T] targets (IGNORE_INDEX where none), on the device
+    n_targets: int  # counted on the host before the copy: no device read needed
+    n_tokens: int  # real (non-padding) tokens
+
+
+class StepResult(NamedTuple):
+    loss: float  # mean over the step's target tokens
+    grad_norm: float  # before clipping
+    targets: int
+    tokens: int
+
 
 class Stop(Exception):
     """Raised inside the loop when SIGINT/SIGTERM arrived: save, then leave."""
 
 
 class Trainer:
+    """The training loop over a Setup, with the progress that a checkpoint saves."""
 
-    def __init__(self, model_cfg: GPTConfig, train: TrainConfig, run_dir: Path,
-                 resume_state: dict | None, ddp: Dist, device: str, datasets: tuple | None = None):
-        """`datasets` (train set, test set, test records) replaces the configured dataset: the
-        benchmarks in bench/ feed their own examples through the real training step."""
-        self.cfg, self.ddp, self.device, self.run_dir = train, ddp, device, run_dir
-        self.device_type = device.split(":")[0]
-        # --tokenizer, else the files beside init_from's weights, else GPT-2's
-        self.tokenizer = load_tokenizer(train.tokenizer or tokenizer_folder(train.init_from))
-        self.raw_model = build_model(model_cfg, train)
-        if resume_state is not None:
-            self._restore_weights(resume_state["checkpoint"])
-        self.raw_model.to(device)
-        if self.tokenizer.vocab_size > self.raw_model.config.vocab_size:
-            raise UserError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
-                            f"{self.raw_model.config.vocab_size}; use the model's own tokenizer")
-        max_len = min(train.max_seq_len or 10**9, self.raw_model.config.block_size)
-        self.train_set, self.test_set, self.test_records = datasets or load_datasets(train, self.tokenizer, max_len)
-        if len(self.train_set) == 0:
-            raise UserError("no training examples left after tokenisation (all dropped as too long?)")
-        self.sampler = LengthGroupedBatchSampler(self.train_set.lengths, train.batch_size, seed=train.seed,
-                                                 group_by_length=train.group_by_length,
-                                                 num_replicas=ddp.world, rank=ddp.rank)
-        self.steps_per_epoch = self.sampler.batches_per_epoch // train.grad_accum
-        if self.steps_per_epoch == 0:
-            raise UserError(f"{len(self.train_set)} examples make less than one step of "
-                            f"{train.batch_size} x {train.grad_accum} x {ddp.world}; lower --batch-size or --grad-accum")
-        self.total_steps = train.max_steps or math.ceil(train.epochs * self.steps_per_epoch)
-        self.model = torch.compile(self.raw_model) if train.compile else self.raw_model
-        if ddp.world > 1:
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[ddp.local_rank] if self.device_type == "cuda" else None)
-        self.optimizer = optim.build_optimizer(self.raw_model, train, self.device_type)
-        self.autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[train.dtype]
-        self.scaler = torch.amp.GradScaler(self.device_type, enabled=train.dtype == "float16")
-        self.trainable = [p for p in self.raw_model.parameters() if p.requires_grad]
+    def __init__(self, s: Setup, run_dir: Path, metrics: runs.Metrics,
+                 after_eval: Callable[[Path], None] = lambda run_dir: None):
+        self.s, self.cfg, self.run_dir, self.metrics, self.after_eval = s, s.cfg, run_dir, metrics, after_eval
+        self.trainable = [p for p in s.raw_model.parameters() if p.requires_grad]
+        self.base_model_name = s.cfg.init_from or str(run_dir / runs.BASE_MODEL)
         # progress: where in the data and in the run we are
         self.step, self.epoch, self.batches_done = 0, 0, 0
         self.tokens_seen, self.elapsed_before, self.train_time = 0, 0.0, 0.0
         self.started = time.perf_counter()
         self.interval = {"loss": 0.0, "targets": 0, "tokens": 0, "time": 0.0}
         self.best_val_loss = math.inf
-        self.stop_signal: int | None = None
-        self.metrics = Metrics(run_dir / "metrics.json", run_dir.name)
-        if resume_state is not None:
-            self._restore_progress(resume_state)
-        self.base_model_name = train.init_from or str(run_dir / "base_model")
+        self.stop_signal: Optional[int] = None
 
-    # ------------------------------------------------------------------ resume
+    # ------------------------------------------------------------------ data
 
-    def _restore_weights(self, checkpoint: Path) -> None:
-        if (checkpoint / "adapter").is_dir():
-            lora.load_adapter_state_dict(self.raw_model, lora.read_adapter_weights(checkpoint / "adapter"))
-        else:
-            self.raw_model.load_hf_state_dict(read_hf_state_dict(checkpoint / "model"), origin=str(checkpoint))
+    def micro_batches(self):
+        """Endless micro-batches for this rank, epoch after epoch, resumable mid-epoch."""
+        pin = self.s.device.type == "cuda"  # pinned host memory makes the copy asynchronous
+        while True:
+            self.s.sampler.set_epoch(self.epoch, skip_batches=self.batches_done)
+            for indices in self.s.sampler:
+                self.batches_done += 1
+                examples = [self.s.data.train[i] for i in indices]
+                x, y = collate(examples, self.s.tokenizer.eot_id)
+                n_targets, n_tokens = count_target_tokens(y), sum(len(e[0]) for e in examples)
+                if pin:
+                    x, y = x.pin_memory(), y.pin_memory()
+                yield MicroBatch(x.to(self.s.device, non_blocking=pin), y.to(self.s.device, non_blocking=pin),
+                                 n_targets, n_tokens)
+            self.epoch, self.batches_done = self.epoch + 1, 0
 
-    def _restore_progress(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+    # ------------------------------------------------------------------ one step
+
+    def train_step(self, batches: list[MicroBatch]) -> StepResult:
+        """One optimizer step: the mean loss over the target tokens of all micro-batches and ranks.
+
+        No rank knows the step's target count N before backward without asking the others, so
+        each backpropagates its summed loss times 1/capacity (capacity: the most targets a step can
+        have, the same on every rank; DDP's average over ranks is undone by the world size), and
+        the gradients are multiplied by capacity/N afterwards, on the device. Loss, counts and
+        grad norm are read back together once, before the weights change, so a non-finite value
+        never reaches them; nothing is read inside the micro-batches."""
+        s, world = self.s, self.s.ddp.world
+        capacity = world * len(batches) * self.cfg.batch_size * s.raw_model.config.block_size
+        totals = torch.zeros(3, dtype=torch.float64, device=s.device)  # loss sum, targets, tokens
+        for i, b in enumerate(batches):
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext() if last or world == 1 else s.model.no_sync()
+            with sync, s.precision():
+                _, loss = s.model(b.x, b.y, reduction="sum", targets_only=self.cfg.head_on_targets_only)
+                s.scaler.scale(loss * (world / capacity)).backward()
+            totals[0] += loss.detach().double()
+            totals[1] += b.n_targets  # host numbers added on the device: no copy, no read
+            totals[2] += b.n_tokens
+        if world > 1:
+            dist.all_reduce(totals)
+        s.scaler.unscale_(s.optimizer)
+        torch._foreach_mul_([p.grad for p in self.trainable if p.grad is not None], (capacity / totals[1]).float())
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)
+        loss_sum, targets, tokens, norm = torch.cat([totals, grad_norm.double().view(1)]).tolist()  # the one read
+        mean_loss = loss_sum / targets
+        if not math.isfinite(mean_loss):
+            raise UserError(f"non-finite loss ({mean_loss}) at step {self.step + 1}; lower --lr, "
+                            "enable --grad-clip, or use --dtype bfloat16/float32")
+        if not math.isfinite(norm) and not s.scaler.is_enabled():
+            raise UserError(f"non-finite gradient norm at step {self.step + 1}; lower --lr or enable --grad-clip")
+        s.scaler.step(s.optimizer)  # with float16, skips steps whose gradients overflowed
+        s.scaler.update()
+        s.optimizer.zero_grad(set_to_none=True)
+        return StepResult(mean_loss, norm, int(targets), int(tokens))
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> dict:
+        """Mean loss per target token on the test split (+ exact match on the synthetic tasks)."""
+        s = self.s
+        result = evaluate_loss(s.raw_model, s.data.test, self.cfg.batch_size, s.tokenizer.eot_id,
+                               self.cfg.eval_batches or None, s.precision)  # eval_batches 0: the whole split
+        if self.cfg.dataset == "synthetic":
+            records = s.data.test_records[:EXACT_MATCH_LIMIT]
+            answers = self.answer(records, max_new_tokens=24, batch_size=50)
+            result["exact_match"] = sum(exact_match(a, r["output"]) for a, r in zip(answers, records)) / len(records)
+        return result
+
+    def answer(self, records: list, max_new_tokens: int, batch_size: int) -> list[str]:
+        responses = generate_responses(self.s.raw_model, self.s.tokenizer, records, self.cfg.template,
+                                       GenerationSettings(max_new_tokens=max_new_tokens), batch_size,
+                                       progress=False, precision=self.s.precision)
+        return [r for (r,) in responses]
+
+    def write_samples(self) -> None:
+        """A few fixed test prompts answered at every evaluation, so a person can read the change."""
+        records = self.s.data.test_records[:self.cfg.sample_prompts]
+        if records:
+            max_new = min(128, self.s.raw_model.config.block_size // 2)
+            runs.add_samples(self.run_dir, self.step, records, self.answer(records, max_new, len(records)))
+
+    def log_eval(self) -> None:
+        if self.s.ddp.is_main:
+            result = self.evaluate()
+            self.write_samples()
+            self.best_val_loss = min(self.best_val_loss, result["val_loss"])
+            self.metrics.add({"step": self.step, "epoch": self.epoch_float(), "tokens": self.tokens_seen,
+                              "elapsed_s": self.elapsed(), **result})
+            tqdm.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+            self.after_eval(self.run_dir)
+        barrier(self.s.ddp)
+
+    # ------------------------------------------------------------------ logging, saving
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + (time.perf_counter() - self.started)
+
+    def epoch_float(self) -> float:
+        return self.epoch + self.batches_done / self.s.sampler.batches_per_epoch
+
+    def log_train(self, lr: float, grad_norm: float) -> dict:
+        iv = self.interval
+        record = {"step": self.step, "epoch": self.epoch_float(), "tokens": self.tokens_seen, "lr": lr,
+                  "train_loss": iv["loss"] / iv["targets"], "grad_norm": grad_norm,
+                  "tokens_per_s": iv["tokens"] / iv["time"] if iv["time"] > 0 else None,
+                  "train_time_s": self.train_time, "elapsed_s": self.elapsed(), **devices.memory_now(self.s.device)}
+        if self.s.ddp.is_main:
+            self.metrics.add(record)
+        self.interval = {"loss": 0.0, "targets": 0, "tokens": 0, "time": 0.0}
+        return record
+
+    def state(self) -> dict:
+        s = self.s
+        return {"step": self.step, "epoch": self.epoch, "batches_done": self.batches_done,
+                "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed(), "train_time_s": self.train_time,
+                "interval": dict(self.interval), "best_val_loss": self.best_val_loss,
+                "optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict(),
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if s.device.type == "cuda" else None}}
+
+    def restore(self, state: dict) -> None:
+        """Continue from a checkpoint's state (the weights were loaded by setup)."""
+        self.s.optimizer.load_state_dict(state["optimizer"])
+        self.s.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
         self.tokens_seen, self.elapsed_before = state["tokens_seen"], state["elapsed_s"]
         self.interval, self.best_val_loss = state["interval"], state["best_val_loss"]
         self.train_time = state["train_time_s"]
         # Records and samples made after the checkpoint are lost progress: they will be made again.
-        old = json.loads((self.run_dir / "metrics.json").read_text())
-        self.metrics.records = [r for r in old["records"] if r["step"] <= self.step]
-        self._keep_samples(lambda step: step <= self.step)
-
-    def _state(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "batches_done": self.batches_done,
-                "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed(), "train_time_s": self.train_time,
-                "interval": dict(self.interval), "best_val_loss": self.best_val_loss,
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+        self.metrics.truncate(self.step)
+        runs.keep_samples(self.run_dir, lambda step: step <= self.step)
 
     def save(self) -> None:
         """Rank 0 writes; a model with a non-finite weight is never saved."""
-        if self.ddp.is_main:
+        if self.s.ddp.is_main:
             if not all(torch.isfinite(p).all() for p in self.trainable):
                 raise UserError(f"non-finite weights at step {self.step}; not saving a checkpoint")
-            save_checkpoint(self.run_dir, self.step, self.raw_model, self._state(), self.base_model_name)
-        self._barrier()
-
-    # ------------------------------------------------------------------ data
-
-    def micro_batches(self):
-        """Endless (x, y, n_tokens) micro-batches for this rank, epoch after epoch, resumable."""
-        while True:
-            self.sampler.set_epoch(self.epoch, skip_batches=self.batches_done)
-            for indices in self.sampler:
-                self.batches_done += 1
-                examples = [self.train_set[i] for i in indices]
-                x, y = collate(examples, self.tokenizer.eot_id)
-                yield x.to(self.device), y.to(self.device), sum(len(e[0]) for e in examples)
-            self.epoch, self.batches_done = self.epoch + 1, 0
-
-    def _all_sum(self, value: float) -> float:
-        if self.ddp.world == 1:
-            return value
-        t = torch.tensor(float(value), dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.item()
-
-    def _barrier(self) -> None:
-        if self.ddp.world > 1:
-            dist.barrier()
-
-    # ------------------------------------------------------------------ one step
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
-
-    def train_step(self, batches: list) -> tuple[float, float, int, int]:
-        """One optimizer step over `batches`; returns (mean loss, pre-clip grad norm, targets, tokens)."""
-        local_targets = sum(count_target_tokens(y) for _, y, _ in batches)
-        step_targets = self._all_sum(local_targets)
-        loss_sum = torch.zeros((), device=self.device)
-        for i, (x, y, _) in enumerate(batches):
-            last = i == len(batches) - 1
-            sync = contextlib.nullcontext() if last or self.ddp.world == 1 else self.model.no_sync()
-            with sync, self.autocast():
-                _, loss = self.model(x, y, reduction="sum", targets_only=self.cfg.head_on_targets_only)
-                # DDP averages gradients over ranks; scaling by world turns that into the sum.
-                self.scaler.scale(loss * (self.ddp.world / step_targets)).backward()
-            loss_sum += loss.detach().float()
-        mean_loss = self._all_sum(loss_sum.item()) / step_targets
-        if not math.isfinite(mean_loss):
-            raise UserError(f"non-finite loss ({mean_loss}) at step {self.step + 1}; lower --lr, "
-                            "enable --grad-clip, or use --dtype bfloat16/float32")
-        self.scaler.unscale_(self.optimizer)
-        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip).item()
-        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
-            raise UserError(f"non-finite gradient norm at step {self.step + 1}; lower --lr or enable --grad-clip")
-        self.scaler.step(self.optimizer)  # with float16, skips steps whose gradients overflowed
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        tokens = int(self._all_sum(sum(n for _, _, n in batches)))
-        return mean_loss, grad_norm, int(step_targets), tokens
-
-    # ------------------------------------------------------------------ evaluation
-
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Mean loss per target token on the test split (+ exact match on synthetic tasks)."""
-        model = self.raw_model
-        model.eval()
-        total, targets = 0.0, 0
-        for x, y in sorted_batches(self.test_set, self.cfg.batch_size, self.tokenizer.eot_id,
-                                   self.cfg.eval_batches or None):  # eval_batches 0: the whole split
-            with self.autocast():
-                _, loss = model(x.to(self.device), y.to(self.device), reduction="sum", targets_only=True)
-            total += loss.float().item()
-            targets += count_target_tokens(y)
-        result = {"val_loss": total / targets, "val_ppl": math.exp(min(total / targets, 50.0))}
-        if self.cfg.dataset == "synthetic":
-            result["exact_match"] = self.exact_match()
-        self.write_samples()
-        model.train()
-        return result
-
-    def answer(self, records: list, max_new_tokens: int) -> list[str]:
-        prompts = [self.tokenizer.encode_ordinary(build_prompt(r, self.cfg.template)) for r in records]
-        with self.autocast():
-            outputs = self.raw_model.generate(prompts, max_new_tokens, eot_id=self.tokenizer.eot_id)
-        return [self.tokenizer.decode(o) for o in outputs]
-
-    def exact_match(self) -> float:
-        records = self.test_records[:EXACT_MATCH_LIMIT]
-        answers = []
-        for start in range(0, len(records), 50):
-            answers += self.answer(records[start:start + 50], max_new_tokens=24)
-        return sum(exact_match(a, r["output"]) for a, r in zip(answers, records)) / len(records)
-
-    def write_samples(self) -> None:
-        """A few fixed test prompts answered at every evaluation, so a person can read the change."""
-        records = self.test_records[:self.cfg.sample_prompts]
-        if not records:
-            return
-        max_new = min(128, self.raw_model.config.block_size // 2)
-        samples = self._keep_samples(lambda step: step < self.step)
-        for record, answer in zip(records, self.answer(records, max_new)):
-            samples.append({"step": self.step, "instruction": record["instruction"],
-                            "input": record.get("input", ""), "response": answer, "reference": record["output"]})
-        write_json_atomic(self.run_dir / "samples.json", samples)
-
-    def _keep_samples(self, keep) -> list:
-        path = self.run_dir / "samples.json"
-        samples = [s for s in json.loads(path.read_text()) if keep(s["step"])] if path.exists() else []
-        if path.exists():
-            write_json_atomic(path, samples)
-        return samples
+            runs.save_checkpoint(self.run_dir, self.step, self.s.raw_model, self.state(), self.base_model_name,
+                                 tokenizer_dir=self.run_dir / runs.TOKENIZER)
+        barrier(self.s.ddp)
 
     # ------------------------------------------------------------------ the loop
 
-    def elapsed(self) -> float:
-        return self.elapsed_before + (time.perf_counter() - self.started)
-
-    def log_eval(self) -> None:
-        if self.ddp.is_main:
-            result = self.evaluate()
-            self.best_val_loss = min(self.best_val_loss, result["val_loss"])
-            self.metrics.add({"step": self.step, "epoch": self._epoch_float(), "tokens": self.tokens_seen,
-                              "elapsed_s": self.elapsed(), **result})
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items())
-            tqdm.write(f"step {self.step}: {shown}")
-            plot_run(self.run_dir)
-        self._barrier()
-
-    def _epoch_float(self) -> float:
-        return self.epoch + self.batches_done / self.sampler.batches_per_epoch
-
-    def log_train(self, lr: float, grad_norm: float) -> dict:
-        iv = self.interval
-        record = {"step": self.step, "epoch": self._epoch_float(), "tokens": self.tokens_seen, "lr": lr,
-                  "train_loss": iv["loss"] / iv["targets"], "grad_norm": grad_norm,
-                  "tokens_per_s": iv["tokens"] / iv["time"] if iv["time"] > 0 else None,
-                  "elapsed_s": self.elapsed(), **memory_now(self.device)}
-        if self.ddp.is_main:
-            self.metrics.add(record)
-        self.interval = {"loss": 0.0, "targets": 0, "tokens": 0, "time": 0.0}
-        return record
-
     def run(self) -> None:
-        cfg = self.cfg
+        cfg, total = self.cfg, self.s.total_steps
         self.started = time.perf_counter()
         batches = self.micro_batches()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.ddp.is_main, desc="train",
-                   dynamic_ncols=True)
+        bar = tqdm(total=total, initial=self.step, disable=not self.s.ddp.is_main, desc="train", dynamic_ncols=True)
         if self.step == 0:
             self.log_eval()  # the starting point of every curve
-        while self.step < self.total_steps:
-            lr = optim.lr_at(self.step, cfg, self.total_steps)
-            optim.set_lr(self.optimizer, lr)
+        while self.step < total:
+            lr = optim.lr_at(self.step, cfg, total)
+            optim.set_lr(self.s.optimizer, lr)
             t0 = time.perf_counter()
-            loss, grad_norm, targets, tokens = self.train_step([next(batches) for _ in range(cfg.grad_accum)])
-            if self.device_type == "cuda":
-                torch.cuda.synchronize()
+            result = self.train_step([next(batches) for _ in range(cfg.grad_accum)])
+            seconds = time.perf_counter() - t0
             self.step += 1
-            self.tokens_seen += tokens
+            self.tokens_seen += result.tokens
+            self.train_time += seconds
             iv = self.interval
-            iv["loss"] += loss * targets
-            iv["targets"] += targets
-            iv["tokens"] += tokens
-            iv["time"] += time.perf_counter() - t0
-            self.train_time += time.perf_counter() - t0
+            iv["loss"] += result.loss * result.targets
+            iv["targets"] += result.targets
+            iv["tokens"] += result.tokens
+            iv["time"] += seconds
             bar.update(1)
-            if self.step % cfg.log_interval == 0 or self.step == self.total_steps:
-                record = self.log_train(lr, grad_norm)
+            if self.step % cfg.log_interval == 0 or self.step == total:
+                record = self.log_train(lr, result.grad_norm)
                 bar.set_postfix(loss=f"{record['train_loss']:.4f}", lr=f"{lr:.2e}",
                                 tok_s=f"{record['tokens_per_s'] or 0:.0f}")
-            if self.step % cfg.eval_interval == 0 or self.step == self.total_steps:
+            if self.step % cfg.eval_interval == 0 or self.step == total:
                 self.log_eval()
-            if self.step % cfg.save_interval == 0 or self.step == self.total_steps:
+            if self.step % cfg.save_interval == 0 or self.step == total:
                 self.save()
             if self.stop_signal is not None:
                 if self.step % cfg.save_interval:
@@ -458,18 +394,40 @@ class Trainer:
         bar.close()
 
 
+def standalone_trainer(model_cfg: GPTConfig, cfg: TrainConfig, device: str, scratch_dir: Path,
+                       datasets: Optional[Datasets] = None) -> Trainer:
+    """A Trainer outside a run folder, for the benchmarks and tests that drive train_step
+    themselves (metrics go to scratch_dir)."""
+    torch.manual_seed(cfg.seed)
+    facts = devices.Facts.probe()
+    s = setup(model_cfg, cfg, Dist(), devices.resolve_device(device, facts), facts, datasets)
+    return Trainer(s, Path(scratch_dir), runs.Metrics(Path(scratch_dir) / runs.METRICS, Path(scratch_dir).name))
+
+
 # ----------------------------------------------------------------------------- main
 
-def describe_run(trainer: Trainer, train: TrainConfig, preset_name: str, ddp: Dist) -> dict:
-    report = lora.param_report(trainer.raw_model, train.optimizer,
-                               dtype_bytes=trainer.raw_model.lm_head.weight.element_size())
-    return {"preset": preset_name, "config": config_to_dict(trainer.raw_model.config, train),
-            "params": report, "data": {"train": trainer.train_set.stats, "test": trainer.test_set.stats},
-            "steps": trainer.total_steps, "steps_per_epoch": trainer.steps_per_epoch,
-            "global_batch": train.batch_size * train.grad_accum * ddp.world, "world_size": ddp.world,
-            "torch_version": torch.__version__, "python": platform.python_version(), "device": trainer.device,
-            "device_name": torch.cuda.get_device_name() if trainer.device_type == "cuda" else platform.processor(),
+def describe_run(s: Setup, preset_name: str) -> dict:
+    """hyperparams.json: the resolved configuration and what the run is made of."""
+    cfg = s.cfg
+    report = optim.param_report(s.raw_model, cfg.optimizer, dtype_bytes=s.raw_model.lm_head.weight.element_size())
+    return {"preset": preset_name, "config": config_to_dict(s.raw_model.config, cfg),
+            "params": report, "lora": s.lora_settings.to_dict() if s.lora_settings else None,
+            "data": {"train": s.data.train.stats, "test": s.data.test.stats},
+            "steps": s.total_steps, "steps_per_epoch": s.steps_per_epoch,
+            "global_batch": cfg.batch_size * cfg.grad_accum * s.ddp.world, "world_size": s.ddp.world,
+            "compute_dtype": devices.dtype_name(s.compute_dtype),
+            "torch_version": torch.__version__, "python": platform.python_version(), "device": str(s.device),
+            "device_name": torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else platform.processor(),
             "created": datetime.now().isoformat(timespec="seconds")}
+
+
+def run_start(s: Setup, preset_name: str) -> runs.RunStart:
+    """What the run folder starts with: hyperparams, the tokenizer, the template, and the base
+    (its config for LoRA on pretrained weights; the whole base for LoRA on a random init)."""
+    lora_base = s.cfg.lora and not s.cfg.init_from
+    return runs.RunStart(describe_run(s, preset_name), s.tokenizer, s.cfg.template,
+                         base_config=config_to_hf(s.raw_model.config) if s.cfg.lora else None,
+                         base_model=s.raw_model if lora_base else None)  # LoRA leaves the base weights' names as they were
 
 
 def restore_rng(rng: dict) -> None:
@@ -478,47 +436,57 @@ def restore_rng(rng: dict) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def resolve_run(argv) -> tuple[str, GPTConfig, TrainConfig, Path, dict | None]:
+def resolve_run(argv) -> tuple[str, GPTConfig, TrainConfig, Path, Optional[dict]]:
     """The configs, the run folder, and (when resuming) the saved state."""
     argv = sys.argv[1:] if argv is None else argv
-    preset_name, model_cfg, train = parse_args(argv, description=__doc__.split("\n")[0])
-    if train.resume is not None and any(a.startswith("-") and a.split("=")[0] != "--resume" for a in argv):
+    preset_name, model_cfg, cfg = parse_args(argv, description=__doc__.split("\n")[0])
+    if cfg.resume is not None and any(a.startswith("-") and a.split("=")[0] != "--resume" for a in argv):
         raise UserError("--resume takes no other options: a resumed run continues with its saved configuration")
-    if train.resume is None:
-        return preset_name, model_cfg, train, run_folder(train, preset_name), None
-    run_dir = Path(train.resume)
-    hyperparams = read_hyperparams(run_dir)
-    checkpoint = latest_checkpoint(run_dir)
+    if cfg.resume is None:
+        return preset_name, model_cfg, cfg, runs.new_run_dir(cfg, preset_name), None
+    run_dir = Path(cfg.resume)
+    hyperparams = runs.read_hyperparams(run_dir)
+    checkpoint = runs.latest_checkpoint(run_dir)
     if checkpoint is None:
         raise UserError(f"{run_dir}: no checkpoint to resume from (checkpoints/latest missing)")
     # The run's own configuration wins: a resumed run must continue the same run.
-    model_cfg, saved_train = config_from_dict(hyperparams["config"])
-    state = load_state(checkpoint)
+    model_cfg, saved = config_from_dict(hyperparams["config"])
+    state = runs.load_state(checkpoint)
     state["checkpoint"] = checkpoint
-    return hyperparams["preset"], model_cfg, replace(saved_train, resume=str(run_dir)), run_dir, state
+    return hyperparams["preset"], model_cfg, replace(saved, resume=str(run_dir)), run_dir, state
+
+
+def draw_figures(run_dir: Path) -> None:
+    """train.png and test.png; imported here so that the loop itself never needs matplotlib."""
+    from plotting import plot_run
+    try:
+        plot_run(run_dir)
+    except runs.RunFolderError as err:  # a figure must not hide the run's own outcome
+        print(f"warning: could not plot {run_dir}: {err}", file=sys.stderr)
 
 
 def main(argv=None) -> int:
-    preset_name, model_cfg, train, run_dir, resume_state = resolve_run(argv)
-    probe = pick_device(train.device, Dist())
-    ddp = setup_distributed(probe)
-    device = pick_device(train.device, ddp)
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
+    preset_name, model_cfg, cfg, run_dir, resume_state = resolve_run(argv)
+    device = devices.pick_device(cfg.device)
+    ddp = setup_distributed(device)
+    torch.manual_seed(cfg.seed)
+    s = setup(model_cfg, cfg, ddp, device, devices.Facts.probe(),
+              weights_from=resume_state["checkpoint"] if resume_state else None)
     if resume_state is None and ddp.is_main:
-        run_dir.mkdir(parents=True)
-    torch.manual_seed(train.seed)
-    trainer = Trainer(model_cfg, train, run_dir, resume_state, ddp, device)
-    torch.manual_seed(train.seed + ddp.rank)  # dropout differs per rank, and is the same on every run
+        runs.create_run_folder(run_dir, run_start(s, preset_name))
+    barrier(ddp)
+    metrics = runs.Metrics(run_dir / runs.METRICS, run_dir.name)
     if resume_state is not None:
+        metrics.records = runs.read_metrics(run_dir)["records"]
+    trainer = Trainer(s, run_dir, metrics, after_eval=draw_figures)
+    torch.manual_seed(cfg.seed + ddp.rank)  # dropout differs per rank, and is the same on every run
+    if resume_state is not None:
+        trainer.restore(resume_state)
         restore_rng(resume_state["rng"])
     if ddp.is_main:
-        if resume_state is None:
-            write_json_atomic(run_dir / "hyperparams.json", describe_run(trainer, train, preset_name, ddp))
-            if train.lora and not train.init_from:
-                trainer.raw_model.save_pretrained(run_dir / "base_model", tokenizer_dir=train.tokenizer)
-        print(lora.format_param_report(read_hyperparams(run_dir)["params"]))
-        print(f"run folder: {run_dir}  ({trainer.total_steps} steps on {device})")
+        print(optim.format_param_report(runs.read_hyperparams(run_dir)["params"]))
+        print(f"run folder: {run_dir}  ({s.total_steps} steps on {device}, "
+              f"{devices.dtype_name(s.compute_dtype)})")
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: setattr(trainer, "stop_signal", signum))
     status, code = "finished", 0
@@ -533,17 +501,13 @@ def main(argv=None) -> int:
         raise
     finally:
         if ddp.is_main:
-            trainer.metrics.finish(status, trainer.elapsed(), trainer.train_time, device)
-            try:
-                plot_run(run_dir)
-            except RunFolderError as err:  # a figure must not hide the run's own outcome
-                print(f"warning: could not plot {run_dir}: {err}", file=sys.stderr)
+            metrics.finish(status)
+            draw_figures(run_dir)
         if ddp.world > 1:
             dist.destroy_process_group()
     if ddp.is_main and status == "finished":
-        summary = trainer.metrics.summary
-        print(f"done: best val loss {summary['best_val_loss']:.4f}, {summary['total_time_s']:.0f} s, "
-              f"results in {run_dir}")
+        print(f"done: best val loss {metrics.summary['best_val_loss']:.4f}, "
+              f"{metrics.summary['total_time_s']:.0f} s, results in {run_dir}")
     return code
 
 

@@ -64,20 +64,20 @@ class Ours:
     """train_sft.py's Trainer, one optimizer step per call."""
 
     def __init__(self, args, dataset: SFTDataset, model_dir: Path, run_dir: Path):
-        from train_sft import Dist, Trainer
+        from train_sft import Datasets, standalone_trainer
 
         model_cfg, train = preset(f"{args.model}/lora")
         train = replace(train, init_from=str(model_dir), tokenizer=args.tokenizer, batch_size=args.batch_size,
                         lr=args.lr, device=args.device, dtype=args.dtype, seed=args.seed, grad_accum=1)
-        self.trainer = Trainer(model_cfg, train, run_dir, None, Dist(), args.device, datasets=(dataset, dataset, []))
+        self.trainer = standalone_trainer(model_cfg, train, args.device, run_dir, Datasets(dataset, dataset, []))
         self.batches = self.trainer.micro_batches()
-        self.steps = self.trainer.steps_per_epoch
+        self.steps = self.trainer.s.steps_per_epoch
 
     def step(self) -> tuple[float, int, int]:
         """(loss, target tokens, computed positions) of one optimizer step."""
         batch = next(self.batches)
         loss, _, targets, _ = self.trainer.train_step([batch])
-        return loss, targets, batch[0].numel()
+        return loss, targets, batch.x.numel()
 
 
 class Reference:

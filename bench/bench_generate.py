@@ -5,7 +5,7 @@
 GPT-2 (124M) shape with random weights, float32 on CPU, greedy, 64-token prompts and exactly
 --new-tokens new tokens (no EOS stopping on either side), one process. Contenders:
   ours           GPT.generate on a model as loaded (nn.Linear weights, [out, in] in memory)
-  ours_prepared  the same after sample.prepare_for_generation(rows=batch), as eval.py and
+  ours_prepared  the same after generation.prepare_for_generation(rows=batch), as eval.py and
                  sample.py run it (for 1-2 rows it stores the block weights [in, out])
   hf             transformers' GPT2LMHeadModel.generate
 Prints one JSON object: tokens/s (new tokens of all rows / median wall time), the ratios to
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs import GPTConfig  # noqa: E402
 from model import GPT  # noqa: E402
-from sample import prepare_for_generation  # noqa: E402
+from generation import prepare_for_generation  # noqa: E402
 
 
 def build_models(seed: int):
@@ -71,7 +71,7 @@ def bench_batch(ours_model: GPT, hf, batch: int, prompt_len: int, new_tokens: in
         return out[:, prompt_len:].tolist()
 
     models = {"ours": ours_model,
-              "ours_prepared": prepare_for_generation(copy.deepcopy(ours_model), "cpu", rows=batch)}
+              "ours_prepared": prepare_for_generation(copy.deepcopy(ours_model), torch.device("cpu"), rows=batch)}
     fns = {**{name: ours(model) for name, model in models.items()}, "hf": run_hf}
     if no_cache:  # each step recomputes the whole sequence: slow, so timed once
         fns_no_cache = {"ours_no_cache": ours(models["ours"], use_cache=False)}

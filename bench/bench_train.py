@@ -12,7 +12,7 @@ configuration instead of hitting one.
 Peak memory: on CUDA, torch's peak allocated and reserved bytes over the child's life; on CPU the
 kernel's high-water mark of the child's RSS (VmHWM) and that peak minus the RSS just before the
 Trainer was built (imports, equal for all, cancel); `rss_after_build_mb` is the RSS once model,
-tokenizer and optimizer exist, before the first step. `state_mb` is lora.param_report's estimate
+tokenizer and optimizer exist, before the first step. `state_mb` is optim.param_report's estimate
 (weights, gradients, optimizer state), which activations come on top of.
 
 Model FLOPs utilisation (GPU, bfloat16/float16): the FLOPs the step must do (see `step_flops`)
@@ -95,8 +95,9 @@ def random_dataset(batch: int, seq: int, prompt_frac: float, vocab_size: int, se
 
 def run_child(args) -> dict:
     """One configuration in this (fresh) process: warm-up, timed steps, peak memory."""
-    import lora
-    from train_sft import Dist, Trainer, process_memory_mb
+    import optim
+    from devices import process_memory_mb
+    from train_sft import Datasets, standalone_trainer
 
     method, optimizer, compiled = args.child.split(",")
     model_cfg, train = preset(args.model)
@@ -109,8 +110,7 @@ def run_child(args) -> dict:
     cuda = args.device.startswith("cuda")
     baseline = process_memory_mb()["rss_mb"]
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(model_cfg, train, Path(run_dir), None, Dist(), args.device,
-                          datasets=(dataset, dataset, []))
+        trainer = standalone_trainer(model_cfg, train, args.device, Path(run_dir), Datasets(dataset, dataset, []))
         after_build = process_memory_mb()["rss_mb"]
         batches = trainer.micro_batches()
         times, loss = [], None
@@ -121,7 +121,7 @@ def run_child(args) -> dict:
                 torch.cuda.synchronize()
             if i >= args.warmup:
                 times.append(time.perf_counter() - start)
-        report = lora.param_report(trainer.raw_model, optimizer)
+        report = optim.param_report(trainer.s.raw_model, optimizer)
     result = {"step_s": [round(t, 4) for t in times], "last_loss": round(loss, 4), "targets_per_step": targets,
               "trainable_params": report["trainable"], "state_mb": report["memory_mb"]}
     if cuda:

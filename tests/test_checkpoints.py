@@ -115,7 +115,6 @@ def test_load_hf_checkpoint(layout, hf_checkpoint, hf_model, hf_reference, tmp_p
     model = GPT.from_pretrained(folder)
     c = model.config
     assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size) == (2, 2, 32, 64, TINY_VOCAB_SIZE)
-    assert model.checkpoint_dir == folder
     assert_same_weights(model, hf_model)
     assert (logits_of(model) - hf_reference).abs().max() <= 1e-4
 
@@ -163,13 +162,13 @@ def test_save_then_load_is_exact(tmp_path):
 
 
 def test_hf_to_ours_to_hf_keeps_logits_and_tokenizer(hf_checkpoint, hf_reference, tmp_path):
-    """The tokenizer follows the checkpoint it was loaded from; saving over the source folder works."""
+    """The checkpoint's tokenizer goes with it; saving over the source folder works."""
     ours = GPT.from_pretrained(hf_checkpoint)
-    ours.save_pretrained(tmp_path / "out")
+    ours.save_pretrained(tmp_path / "out", tokenizer_dir=hf_checkpoint)
     assert (tmp_path / "out" / "vocab.json").read_bytes() == (hf_checkpoint / "vocab.json").read_bytes()
     assert (logits_of(GPT2LMHeadModel.from_pretrained(tmp_path / "out")) - hf_reference).abs().max() <= 1e-4
     again = GPT.from_pretrained(tmp_path / "out")
-    again.save_pretrained(tmp_path / "out")  # onto itself
+    again.save_pretrained(tmp_path / "out", tokenizer_dir=tmp_path / "out")  # onto itself
     assert (logits_of(GPT.from_pretrained(tmp_path / "out")) - hf_reference).abs().max() <= 1e-4
     assert load_tokenizer(tmp_path / "out").vocab_size == TINY_VOCAB_SIZE
 

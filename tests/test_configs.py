@@ -4,7 +4,8 @@ from dataclasses import asdict
 
 import pytest
 
-from configs import LORA_TARGETS, PRESETS, GPTConfig, TrainConfig, config_from_dict, config_to_dict, load_config, \
+from lora import LORA_TARGETS
+from configs import PRESETS, GPTConfig, TrainConfig, config_from_dict, config_to_dict, load_config, \
     parse_args, preset, save_config
 from errors import UserError
 

@@ -13,6 +13,7 @@ import torch
 
 import eval as evaluate
 import lora
+import generation
 import sample
 from configs import GPTConfig, TrainConfig, config_to_dict
 from conftest import ROOT, TINY_VOCAB_SIZE
@@ -309,19 +310,19 @@ def test_real_prompt_set(shared_assets):
 def test_generate_responses_batching_order_and_seeds(hf_checkpoint):
     model = GPT.from_pretrained(hf_checkpoint)
     tokenizer = load_tokenizer(hf_checkpoint)
-    settings = sample.GenerationSettings(max_new_tokens=8)
-    one_by_one = [sample.generate_responses(model, tokenizer, [p], TEMPLATE, settings, progress=False)[0]
+    settings = generation.GenerationSettings(max_new_tokens=8)
+    one_by_one = [generation.generate_responses(model, tokenizer, [p], TEMPLATE, settings, progress=False)[0]
                   for p in PROMPTS]
-    batched = sample.generate_responses(model, tokenizer, PROMPTS, TEMPLATE, settings, batch_size=3, progress=False)
+    batched = generation.generate_responses(model, tokenizer, PROMPTS, TEMPLATE, settings, batch_size=3, progress=False)
     assert batched == one_by_one
-    sampled = sample.GenerationSettings(max_new_tokens=8, temperature=1.0, top_k=50, top_p=0.95, seed=3)
-    first = sample.generate_responses(model, tokenizer, PROMPTS, TEMPLATE, sampled, 2, samples_per_prompt=2,
+    sampled = generation.GenerationSettings(max_new_tokens=8, temperature=1.0, top_k=50, top_p=0.95, seed=3)
+    first = generation.generate_responses(model, tokenizer, PROMPTS, TEMPLATE, sampled, 2, samples_per_prompt=2,
                                       progress=False)
-    again = sample.generate_responses(model, tokenizer, PROMPTS, TEMPLATE, sampled, 2, samples_per_prompt=2,
+    again = generation.generate_responses(model, tokenizer, PROMPTS, TEMPLATE, sampled, 2, samples_per_prompt=2,
                                       progress=False)
     assert first == again and all(len(r) == 2 for r in first)
     sampled.seed = 4
-    assert sample.generate_responses(model, tokenizer, PROMPTS, TEMPLATE, sampled, 2, samples_per_prompt=2,
+    assert generation.generate_responses(model, tokenizer, PROMPTS, TEMPLATE, sampled, 2, samples_per_prompt=2,
                                      progress=False) != first
 
 
@@ -342,11 +343,11 @@ def test_sample_cli_prompt_flag_and_stdin(hf_checkpoint, adapter_dir, capsys, mo
 
 
 def test_prepare_for_generation_keeps_the_function(hf_checkpoint, adapter_dir):
-    model = sample.load_weights(str(hf_checkpoint), str(adapter_dir))
+    model = generation.load_weights(str(hf_checkpoint), str(adapter_dir))
     x = torch.randint(0, TINY_VOCAB_SIZE, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(x)[0]
-        sample.prepare_for_generation(model, "cpu", rows=1)
+        generation.prepare_for_generation(model, torch.device("cpu"), rows=1)
         after = model(x)[0]
     assert lora.lora_modules(model) and all(m.merged for m in lora.lora_modules(model).values())
     c_fc = model.transformer.h[0].mlp.c_fc.weight

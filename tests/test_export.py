@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from checkpoints import save_checkpoint
+from runs import save_checkpoint
 from configs import GPTConfig, TrainConfig, config_to_dict
 from conftest import ROOT, TINY_VOCAB_SIZE
 from errors import UserError
@@ -118,7 +118,8 @@ def test_full_fine_tuning_run(tmp_path, hf_checkpoint):
     model = GPT.from_pretrained(hf_checkpoint)
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight.mul_(1.5)  # "trained"
-    model_dir = save_checkpoint(run_dir, 3, model, {}, base_model=str(hf_checkpoint)) / "model"
+    model_dir = save_checkpoint(run_dir, 3, model, {}, base_model=str(hf_checkpoint),
+                                tokenizer_dir=hf_checkpoint) / "model"
     (model_dir / "vocab.json").unlink()  # a checkpoint without tokenizer files: init_from's are copied
     main(["--run", str(run_dir), "--merged", str(tmp_path / "out")])
     torch.testing.assert_close(hf_logits(tmp_path / "out"), logits(model), rtol=0, atol=1e-4)

@@ -14,13 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from configs import LORA_TARGETS
 from conftest import TINY_VOCAB_SIZE
 from errors import UserError
-from lora import (LoRALinear, LoRASettings, adapter_state_dict, apply_lora, format_param_report, load_adapter,
-                  load_adapter_state_dict, lora_modules, lora_settings, merge_lora, param_report, save_adapter,
+from lora import (LORA_TARGETS, LoRALinear, LoRASettings, adapter_state_dict, apply_lora, load_adapter,
+                  load_adapter_state_dict, lora_modules, lora_settings, merge_lora, save_adapter,
                   settings_from_peft_config, unmerge_lora)
 from model import GPT
+from optim import format_param_report, param_report
 
 N_EMBD, N_LAYER = 32, 2  # the hf_checkpoint fixture's shape
 

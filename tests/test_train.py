@@ -14,8 +14,10 @@ import torch
 
 import lora
 import optim
+import runs
 import train_sft
 from configs import parse_args, preset
+from data import collate, count_target_tokens
 from conftest import ROOT, TINY_VOCAB_SIZE
 from errors import UserError
 from model import GPT
@@ -90,8 +92,7 @@ def test_lora_run_trains_only_adapters(run_args):
     step = run_dir / "checkpoints" / "step_0000012"
     assert (step / "adapter" / "adapter_model.safetensors").is_file() and not (step / "model").exists()
     assert (run_dir / "base_model" / "model.safetensors").is_file()  # random-init base kept for eval/export
-    from checkpoints import load_run_model
-    model, _, _ = load_run_model(run_dir)
+    model, _, _ = runs.load_run_model(run_dir)
     assert lora.lora_settings(model).rank == 2
 
 
@@ -102,16 +103,15 @@ def test_loss_is_per_target_token_across_micro_batches(run_args, tmp_path):
                                                  "--grad-clip", "0"])
     grads = []
     for split in ([0, 1, 2, 3], [0, 1], [2, 3]), ([0, 1, 2, 3],):
-        trainer = train_sft.Trainer(model_cfg, train, tmp_path / f"r{len(split)}", None,
-                                    train_sft.Dist(), "cpu")
+        trainer = train_sft.standalone_trainer(model_cfg, train, "cpu", tmp_path)
+        s = trainer.s
         batches = []
         for indices in split[1:] if len(split) == 3 else split:
-            examples = [trainer.train_set[i] for i in indices]
-            from data import collate
-            x, y = collate(examples, trainer.tokenizer.eot_id)
-            batches.append((x, y, 0))
+            examples = [s.data.train[i] for i in indices]
+            x, y = collate(examples, s.tokenizer.eot_id)
+            batches.append(train_sft.MicroBatch(x, y, count_target_tokens(y), 0))
         loss, _, _, _ = trainer.train_step(batches)
-        grads.append((loss, [p.detach().clone() for p in trainer.raw_model.parameters()]))
+        grads.append((loss, [p.detach().clone() for p in s.raw_model.parameters()]))
     (loss_split, w_split), (loss_whole, w_whole) = grads
     assert loss_split == pytest.approx(loss_whole, rel=1e-6)
     for a, b in zip(w_split, w_whole):
@@ -267,9 +267,9 @@ def test_existing_run_name_is_refused(run_args):
 
 def test_default_run_names_are_readable_and_unique(run_args):
     _, _, train = parse_args(run_args + ["--lora", "--rank", "4"])
-    first = train_sft.run_folder(train, "tiny/lora")
+    first = runs.new_run_dir(train, "tiny/lora")
     first.mkdir(parents=True)
-    second = train_sft.run_folder(train, "tiny/lora")
+    second = runs.new_run_dir(train, "tiny/lora")
     assert first.name.startswith("tiny-lora-r4-adamw-lr0.01-") and second != first
 
 
