@@ -211,6 +211,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--out", default=f"runs/{COMPARE_DIR}", help="folder for the figures and tables")
     parser.add_argument("--smooth", type=float, default=0.0,
                         help="EMA factor for the train-loss curves, in [0, 1); 0 = raw, 0.9 = strong")
+    parser.add_argument("--html", action="store_true",
+                        help="also write report.html: table, figures, eval responses and samples in one file")
     args = parser.parse_args(argv)
     if not 0.0 <= args.smooth < 1.0:
         raise UserError(f"--smooth must be in [0, 1), got {args.smooth}")
@@ -258,6 +260,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for filename, text in (("runs.md", table), ("runs.csv", csv_table(runs))):
         write_text_atomic(out / filename, text)
         written.append(filename)
+    if args.html:
+        from report import write_report  # here, not at the top: report.py imports this module
+        for note in write_report(runs, out / "report.html", args.smooth):
+            print(f"note: {note}", file=sys.stderr)
+        written.append("report.html")
+        print(f"report: {out / 'report.html'}", file=sys.stderr)
     print(table, end="")
     print(f"wrote {len(runs)} run(s) to {out}/: {', '.join(written)}", file=sys.stderr)
 
