@@ -25,8 +25,8 @@ from matplotlib.figure import Figure
 
 from errors import ArgParser, UserError, run_cli
 from files import write_text_atomic
-from plotting import (LOSS_LABEL, Panel, Run, RunFolderError, curves_figure,
-                      finish_figure, load_run, new_figure, run_style, save_figure)
+from plotting import LOSS_LABEL, Panel, curves_figure, finish_figure, new_figure, run_style, save_figure
+from runs import Run, RunFolderError, load_run
 
 COMPARE_DIR = "_compare"
 NOT_APPLICABLE = "—"  # e.g. the LoRA rank of a full fine-tuning run; a blank cell means "not known"

@@ -7,10 +7,9 @@ to close, safe to call from inside a training loop.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -18,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
 from files import write_atomic
-from runs import NoLossYet, Run, RunFolderError, load_run  # noqa: F401 - plot.py and tests import them from here too
+from runs import NoLossYet, Run, load_run
 
 
 # ----------------------------------------------------------------------------- figures

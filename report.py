@@ -24,7 +24,7 @@ from matplotlib.colors import to_hex
 
 from files import write_text_atomic
 from plot import COLUMNS, NOT_APPLICABLE, Column, compare_figures, left_out_notes, run_style, table_row
-from plotting import Run
+from runs import Run
 
 # The table's columns that are choices made before training (shaded where runs differ), and the
 # results where one run is best: column key -> True when higher is better.

@@ -42,7 +42,7 @@ import lora
 from configs import TrainConfig, config_from_dict
 from errors import UserError
 from files import write_json_atomic, write_text_atomic
-from model import GPT, GPTConfig, config_to_hf
+from model import GPT, GPTConfig
 from templates import get_template
 from tokenizer import Tokenizer, load_tokenizer, save_tokenizer, tokenizer_folder
 

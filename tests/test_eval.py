@@ -204,7 +204,7 @@ def test_eval_run_folder_uses_the_runs_settings(tmp_path, hf_checkpoint, adapter
     for name in ("tuned", "base"):
         for key in ("val_loss", "mean_reward"):
             assert summary[name][key] == pytest.approx(expected[name][key], rel=1e-6)
-    from plotting import load_run  # what plot.py shows next to the run
+    from runs import load_run  # what plot.py shows next to the run
 
     assert load_run(run).reward == {"win_rate": summary["win_rate"], "mean_reward": summary["tuned"]["mean_reward"]}
 

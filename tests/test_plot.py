@@ -15,7 +15,8 @@ import pytest
 import plot
 import plotting
 from configs import config_to_dict, preset
-from plotting import RunFolderError, load_run, plot_run
+from plotting import plot_run
+from runs import RunFolderError, load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import report
-from plotting import load_run
+from runs import load_run
 from test_plot import LORA_SUMMARY, PNG_MAGIC, REWARD, new_run, old_run, run_cli, write_json
 
 XSS = "<script>alert(1)</script>"
