@@ -2,7 +2,17 @@
 
 The reward model is any Hugging Face sequence-classification model with a single output (by
 default OpenAssistant's DeBERTa-v3 reward model). It reads (prompt, response) as a text pair, as
-its model card shows, and returns one scalar per pair: higher is better.
+its model card shows (`tokenizer(question, answer)`: [CLS] prompt [SEP] response [SEP] for
+DeBERTa), and returns one scalar per pair: higher is better. An empty response is still a pair
+([CLS] prompt [SEP] [SEP]), whatever the batch.
+
+Truncation: a pair longer than the model's max_length tokens (special tokens included; 512 for
+DeBERTa-v3) loses tokens from the end of its longer part ("longest_first"). With B the tokens left
+after the special ones, the shorter part is kept whole if it has at most B // 2 tokens and the
+longer one keeps the rest; otherwise each keeps B // 2 (the longer one, or on a tie the response,
+gets the odd token). So a prompt of up to B // 2 tokens (254 for DeBERTa-v3) is kept whole and a
+long response loses its tail. score_pairs counts the truncated pairs: a reward computed on
+clipped text is never silent.
 
 Comparison: with K samples per prompt, each model's K rewards on a prompt are averaged and the
 two means compared, so every prompt is one win, tie or loss and the bootstrap resamples prompts,
@@ -66,14 +76,43 @@ def load_reward_model(source: str, device: str | torch.device = "cpu") -> Reward
 def _from_pretrained(source: str, local_only: bool):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    _require_sentencepiece(source)  # files already here: before transformers warns and fails obscurely
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    except Exception:
+        _require_sentencepiece(source)  # files just downloaded
+        raise
     model = AutoModelForSequenceClassification.from_pretrained(source, local_files_only=local_only)
     return model, tokenizer
+
+
+def _require_sentencepiece(source: str) -> None:
+    """A tokenizer shipped only as a SentencePiece model (spm.model and no tokenizer.json, like the
+    DeBERTa reward models) is converted by transformers with sentencepiece and protobuf. Without
+    them it falls back to another reader and fails on the .model file's bytes; say what is missing."""
+    folder = Path(source) if Path(source).is_dir() else _hub_cache_folder(source)
+    if folder is None or (folder / "tokenizer.json").exists() or not any(folder.glob("*.model")):
+        return
+    try:
+        import sentencepiece.sentencepiece_model_pb2  # noqa: F401  (imports protobuf, checks its version)
+    except Exception as err:
+        raise UserError(f"--reward-model {source}: its tokenizer is a SentencePiece model, which needs the "
+                        f"sentencepiece and protobuf packages ({_one_line(err)}): pip install -r "
+                        "requirements-eval.txt, or pass --no-reward") from None
+
+
+def _hub_cache_folder(name: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "tokenizer_config.json")
+    return Path(cached).parent if isinstance(cached, str) else None
 
 
 def _load_local(folder: str):
     try:
         return _from_pretrained(folder, local_only=True)
+    except UserError:
+        raise
     except Exception as err:  # transformers raises OSError, ValueError, KeyError, ... for a bad folder
         raise UserError(f"--reward-model {folder}: cannot load a sequence-classification model and its "
                         f"tokenizer from this folder ({_one_line(err)})") from None
@@ -85,6 +124,8 @@ def _load_from_hub(name: str):
                     "(or --no-reward)")
     try:
         return _from_pretrained(name, local_only=True)  # already cached: no network needed
+    except UserError:
+        raise
     except Exception:
         pass
     from huggingface_hub import HfApi, constants
@@ -97,6 +138,8 @@ def _load_from_hub(name: str):
         raise UserError(f"{offline_hint} ({type(err).__name__})") from None
     try:
         return _from_pretrained(name, local_only=False)
+    except UserError:
+        raise
     except Exception as err:
         raise UserError(f"cannot load reward model {name!r} from the hub ({_one_line(err)}); "
                         "pass --reward-model DIR with a local copy") from None
@@ -128,29 +171,48 @@ def _max_length(model, tokenizer) -> int:
 
 # ----------------------------------------------------------------------------- scoring
 
+@dataclass
+class RewardScores:
+    scores: list[float]  # one reward per (prompt, response) pair, in input order
+    truncated: list[bool]  # per pair: longer than max_length, so scored on clipped text
+
+    @property
+    def n_truncated(self) -> int:
+        return sum(self.truncated)
+
+
 @torch.no_grad()
-def score(reward_model: RewardModel, prompts: Sequence[str], responses: Sequence[str],
-          batch_size: int = 8, progress: bool = True, desc: str = "reward") -> list[float]:
-    """The reward of each (prompt, response) pair, in input order. Pairs are batched by length
-    (less padding); each pair is truncated to the model's max length, longest part first."""
+def score_pairs(reward_model: RewardModel, prompts: Sequence[str], responses: Sequence[str],
+                batch_size: int = 8, progress: bool = True, desc: str = "reward") -> RewardScores:
+    """The reward of each (prompt, response) pair, in input order, and which pairs were truncated
+    (the rule is in the module docstring). Pairs are batched by length (less padding)."""
     from tqdm import tqdm
 
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
     device = next(reward_model.model.parameters()).device
-    scores = [0.0] * len(prompts)
+    tokenizer, max_length = reward_model.tokenizer, reward_model.max_length
+    scores, truncated = [0.0] * len(prompts), [False] * len(prompts)
     with tqdm(total=len(order), desc=desc, unit="pair", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            encoded = reward_model.tokenizer([prompts[i] for i in batch], [responses[i] for i in batch],
-                                             padding=True, truncation=True, max_length=reward_model.max_length,
-                                             return_tensors="pt").to(device)
+            pair = ([prompts[i] for i in batch], [responses[i] for i in batch])
+            # Full lengths first (verbose=False: the over-long warning is what we count instead).
+            full_lengths = [len(ids) for ids in tokenizer(*pair, verbose=False)["input_ids"]]
+            encoded = tokenizer(*pair, padding=True, truncation=True, max_length=max_length,
+                                return_tensors="pt").to(device)
             logits = reward_model.model(**encoded).logits[:, 0].float().tolist()
-            for i, value in zip(batch, logits):
-                scores[i] = value
+            for i, value, length in zip(batch, logits, full_lengths):
+                scores[i], truncated[i] = value, length > max_length
             bar.update(len(batch))
-    return scores
+    return RewardScores(scores, truncated)
+
+
+def score(reward_model: RewardModel, prompts: Sequence[str], responses: Sequence[str],
+          batch_size: int = 8, progress: bool = True, desc: str = "reward") -> list[float]:
+    """The rewards alone, for callers that do not report truncation (see score_pairs)."""
+    return score_pairs(reward_model, prompts, responses, batch_size, progress, desc).scores
 
 
 # ----------------------------------------------------------------------------- statistics
