@@ -46,9 +46,40 @@ class DataConfig:
     def check(self) -> None:
         if self.dataset not in DATASETS:
             raise UserError(f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
-        if self.max_seq_len < 0:
+        if not self.max_seq_len >= 0:
             raise UserError(f"--max-seq-len must be 0 (the model's context) or more, got {self.max_seq_len}")
         _check_settings(self.template, max(self.max_seq_len, 1), self.overlong)
+        if self.dataset == "sft":
+            check_split_pair(Path(self.data_dir))
+
+
+SPLIT_MANIFEST = "sft_manifest.json"  # prepare_sft_dataset.py's record of the pair it wrote
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_split_pair(data_dir: Path) -> None:
+    """prepare_sft_dataset.py writes the manifest (both files' hashes) before it renames the new
+    train and test files into place: a crash between the two renames leaves a file that does not
+    match it, and that pair is refused rather than mixing a new split with an old one."""
+    try:
+        expected = json.loads((data_dir / SPLIT_MANIFEST).read_text())
+    except FileNotFoundError:
+        return  # written by hand or by an older version: nothing to compare with
+    except (OSError, ValueError) as err:
+        raise UserError(f"{data_dir / SPLIT_MANIFEST}: unreadable ({err}); run prepare_sft_dataset.py again") from None
+    for name, digest in expected.items():
+        path = data_dir / name
+        if not path.is_file() or file_sha256(path) != digest:
+            raise UserError(f"{path} is not the file prepare_sft_dataset.py last wrote beside its other split "
+                            f"(interrupted while replacing the pair?); run prepare_sft_dataset.py again, or "
+                            f"delete {data_dir / SPLIT_MANIFEST} if you edited the files on purpose")
 
 # ----------------------------------------------------------------------------- records
 

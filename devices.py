@@ -12,11 +12,13 @@ What differs on CUDA, and where it is decided:
   fused AdamW ................. fused_adamw
   memory statistics ........... memory_now       (CUDA peak allocated/reserved, else process RSS)
   timing ...................... needs_synchronize (CUDA kernels run asynchronously)
+  device name ................. device_name      (the GPU's, for MFU peaks and the run's record)
   generation dtype ............ generation_dtype
 """
 from __future__ import annotations
 
 import os
+import platform
 import resource
 import sys
 from dataclasses import dataclass
@@ -52,12 +54,18 @@ class Facts:
 def local_rank(env: Mapping[str, str] = os.environ) -> Optional[int]:
     """This process's index on its machine under torchrun (LOCAL_RANK), None outside torchrun."""
     value = env.get("LOCAL_RANK")
-    return int(value) if value is not None else None
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise UserError(f"LOCAL_RANK={value!r} in the environment is not a process index; launch with torchrun, "
+                        "which sets it, or unset it")
+    return int(value)
 
 
 def resolve_device(name: str, facts: Facts, rank: Optional[int] = None) -> torch.device:
     """--device (auto, cpu, cuda, cuda:N, mps) as a concrete torch.device; a CUDA device always
     carries its index. Under torchrun (`rank` = LOCAL_RANK) each process takes cuda:LOCAL_RANK."""
+    given = name
     if name == "auto":
         name = "cuda" if facts.cuda_available else "mps" if facts.mps_available else "cpu"
     if name == "cpu":
@@ -66,8 +74,8 @@ def resolve_device(name: str, facts: Facts, rank: Optional[int] = None) -> torch
         if not facts.mps_available:
             raise UserError("--device mps: this machine has no Apple GPU (MPS); use --device auto or cpu")
         return torch.device("mps")
-    kind, _, index = name.partition(":")
-    if kind != "cuda" or (index and not index.isdigit()):
+    kind, colon, index = name.partition(":")
+    if kind != "cuda" or (colon and not index.isdigit()):
         raise UserError(f"--device {name!r} is not a device this tool runs on; use {DEVICE_HELP}")
     if not facts.cuda_available:
         raise UserError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}"
@@ -77,7 +85,7 @@ def resolve_device(name: str, facts: Facts, rank: Optional[int] = None) -> torch
                         "cuda (each process takes cuda:LOCAL_RANK) or CUDA_VISIBLE_DEVICES")
     chosen = int(index) if index else (rank or 0)
     if chosen >= facts.cuda_count:
-        what = f"--device {name}" if index else f"torchrun process LOCAL_RANK={rank}"
+        what = f"--device {given}" + (f" under torchrun (LOCAL_RANK={rank})" if not index else "")
         raise UserError(f"{what} needs cuda:{chosen}, but this machine has {facts.cuda_count} GPU(s) "
                         f"(cuda:0 to cuda:{facts.cuda_count - 1})")
     return torch.device("cuda", chosen)
@@ -132,6 +140,28 @@ def generation_dtype(device: torch.device, facts: Facts) -> torch.dtype:
     if device.type != "cuda":
         return torch.float32
     return torch.bfloat16 if facts.cuda_bf16 else torch.float16
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's model name (bench_train's peak table keys on it), else the CPU's."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or device.type
+
+
+def pin_memory(device: torch.device) -> bool:
+    """Batches are built on the host: pinned pages make the copy to a GPU asynchronous."""
+    return device.type == "cuda"
+
+
+def rng_state(device: torch.device) -> dict:
+    """The random-number states a bit-identical resume needs: CPU's, and the GPUs' on CUDA."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+
+
+def restore_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def synchronize(device: torch.device) -> None:

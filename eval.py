@@ -24,6 +24,7 @@ from typing import Optional
 import numpy as np
 
 import reward
+from configs import TrainConfig
 from data import SFTDataset, load_records, load_sft_split
 from devices import pick_device
 from errors import UserError, run_cli
@@ -190,18 +191,19 @@ def evaluate_model(name: str, model: GPT, loaded: Loaded, prompts, args, setting
     result = {"responses": responses, "val_loss": None, "val_ppl": None}
     if test is not None:
         dataset = build_test_set(test, loaded, model.config.block_size)
-        result.update(**evaluate_loss(model, dataset, args.batch_size, loaded.tokenizer.eot_id),
+        result.update(**evaluate_loss(model, dataset, args.batch_size, loaded.tokenizer.eot_id,
+                                      ce_chunk=TrainConfig.ce_chunk),  # the training default
                       test_examples=len(dataset),
                       test_target_tokens=dataset.stats["n_target_tokens"])
     return result
 
 
 def score_responses(rm: reward.RewardModel, prompts, responses: list[list[str]], batch_size: int,
-                    desc: str) -> np.ndarray:
-    """Rewards of shape [n_prompts, samples_per_prompt]."""
+                    desc: str) -> tuple[np.ndarray, int]:
+    """Rewards of shape [n_prompts, samples_per_prompt], and how many pairs were truncated."""
     pairs = [(reward_prompt_text(p), r) for p, rs in zip(prompts, responses) for r in rs]
-    scores = reward.score(rm, [q for q, _ in pairs], [r for _, r in pairs], batch_size, desc=desc)
-    return np.array(scores).reshape(len(prompts), -1)
+    scored = reward.score_pairs(rm, [q for q, _ in pairs], [r for _, r in pairs], batch_size, desc=desc)
+    return np.array(scored.scores).reshape(len(prompts), -1), scored.n_truncated
 
 
 def write_json(path: Path, payload) -> None:
@@ -305,12 +307,14 @@ def main(argv=None) -> None:
             "test_data": test.source if test else None, "batch_size": args.batch_size}
     write_json(out / "responses.json", responses_payload(prompts, results, settings, meta))
 
-    rewards, outcomes = None, None
+    rewards, outcomes, truncated = None, None, None
     stats = dict.fromkeys(("win_rate", "tie_rate", "loss_rate", "win_rate_ci95"))
     if rm is not None:
         rm.model.to(args.device)
-        rewards = {name: score_responses(rm, prompts, results[name]["responses"], args.reward_batch_size,
-                                         f"{name}: reward") for name in ("tuned", "base")}
+        scored = {name: score_responses(rm, prompts, results[name]["responses"], args.reward_batch_size,
+                                        f"{name}: reward") for name in ("tuned", "base")}
+        rewards = {name: values for name, (values, _) in scored.items()}
+        truncated = {name: count for name, (_, count) in scored.items()}
         identical = [t == b for t, b in zip(results["tuned"]["responses"], results["base"]["responses"])]
         outcomes = reward.prompt_outcomes(rewards["tuned"], rewards["base"], identical, args.tie_tol)
         stats = reward.win_statistics(outcomes, args.bootstrap, seed=args.seed)
@@ -319,6 +323,8 @@ def main(argv=None) -> None:
     summary = summary_payload(results, stats, rewards, {
         "n_prompts": len(prompts), "samples_per_prompt": args.samples_per_prompt,
         "reward_model": rm.name if rm else None,
+        "reward_max_length": rm.max_length if rm else None,
+        "reward_truncated_pairs": truncated,  # per model: pairs cut to reward_max_length (reward.py's rule)
         "comparison": "mean reward per prompt over its samples; ties (|diff| <= tie_tol or identical "
                       "responses) counted separately",
         "tie_tol": args.tie_tol, "bootstrap_resamples": args.bootstrap, "seed": args.seed, **meta,

@@ -2,12 +2,14 @@
 
 A wrapped linear computes y = W x + b + s * B(A(dropout(x))) with A [r, in] Kaiming-uniform,
 B [out, r] zero (so a fresh adapter changes nothing) and s = alpha / r (alpha / sqrt(r) with
-rsLoRA). `LoRALinear` subclasses nn.Linear and keeps the base `weight`/`bias` under their own
-names, so model.hf_state_dict() and save_pretrained() see the same base weights as before, and
-the adapter tensors are `...c_attn.lora_A.weight` / `...c_attn.lora_B.weight`, PEFT's names.
+rsLoRA); DoRA (`DoRALinear`) also rescales each output feature by a learned magnitude.
+`LoRALinear` subclasses nn.Linear and keeps the base `weight`/`bias` under their own names, so
+model.hf_state_dict() and save_pretrained() see the same base weights as before, and the adapter
+tensors are `...c_attn.lora_A.weight` / `...c_attn.lora_B.weight`, PEFT's names.
 
 On disk an adapter is what PEFT writes for GPT2LMHeadModel: adapter_config.json and
-adapter_model.safetensors with keys `base_model.model.transformer.h.{i}.{target}.lora_{A,B}.weight`.
+adapter_model.safetensors with keys `base_model.model.transformer.h.{i}.{target}.lora_{A,B}.weight`
+(and `...{target}.lora_magnitude_vector` with DoRA).
 A and B have nn.Linear orientation there even though GPT-2's HF layers are Conv1D.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from errors import UserError
+from errors import UserError, check_range
 from files import write_atomic, write_text_atomic
 from model import read_weights_file, state_mismatches
 
@@ -44,10 +46,17 @@ class LoRAConfig:
     lora_targets: tuple[str, ...] = LORA_TARGETS
     lora_layers: Optional[tuple[int, ...]] = None  # None = every block
     rslora: bool = False
+    dora: bool = False  # DoRA: a learned magnitude per output feature times the normalised W + s B A
+    lora_plus_ratio: float = 1.0  # LoRA+: B (and DoRA's magnitudes) at lr * ratio (optim.param_groups); 1 = off
 
     def check(self) -> None:
         """Refuse impossible options before any weights load (the layers need the model's depth)."""
         check_lora_options(self.rank, self.alpha, self.lora_dropout, self.lora_targets)
+        check_range("--lora-plus-ratio", self.lora_plus_ratio, 0, low_open=True)
+        given = [flag for flag, on in (("--dora", self.dora), ("--lora-plus-ratio", self.lora_plus_ratio != 1.0)) if on]
+        if given and not self.lora:
+            raise UserError(f"{' and '.join(given)}: LoRA variants, but LoRA is off; "
+                            "add --lora (or use a NAME/lora preset)")
 
 
 class LoRALinear(nn.Linear):
@@ -104,6 +113,64 @@ class LoRALinear(nn.Linear):
         return (f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, rslora={self.rslora}, "
                 f"merged={self.merged}")
 
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter's parameters under their names in this module (and in PEFT's files)."""
+        return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+
+
+class DoRALinear(LoRALinear):
+    """DoRA (Liu et al. 2024, "Weight-Decomposed Low-Rank Adaptation"), as PEFT computes it:
+    y = m / ||W + s B A|| * (W + s B A) x + b, the norm per output feature (over the inputs: a row
+    of W here, a column of HF's Conv1D weight, which PEFT transposes with fan_in_fan_out) and m a
+    trainable vector that starts at ||W||, so a fresh adapter changes nothing. The norm is a
+    constant in backward (the paper's section 4.3; PEFT detaches it): no [out, in] gradient.
+    The norm costs one [out, in] temporary per forward, which plain LoRA never builds."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        super().__init__(base, rank, alpha, dropout, rslora)
+        self.lora_magnitude_vector = nn.Parameter(self.weight_norm().to(self.weight.dtype))
+        self.merged_norm: torch.Tensor | None = None  # the norm merge divided by, for unmerge
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """||W + s B A|| per output feature, in float32, outside the autograd graph."""
+        return torch.linalg.vector_norm(self.weight.float() + self.delta_weight(), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        factor = (self.lora_magnitude_vector.float() / self.weight_norm()).to(y.dtype)
+        dropped = self.lora_dropout(x)
+        update = self.scaling * self.lora_B(self.lora_A(dropped)).to(y.dtype)
+        if not (self.training and self.dropout_p > 0):  # m/n (W x + s B A x) + b, reusing W x + b
+            base = y if self.bias is None else y - self.bias.to(y.dtype)
+            return y + (factor - 1) * base + factor * update
+        # PEFT's training path with dropout: the undropped W x + b, corrected on the dropped input
+        return y + (factor - 1) * F.linear(dropped, self.weight).to(y.dtype) + factor * update
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """weight <- m / ||W + s B A|| * (W + s B A); the norm is kept for unmerge, as PEFT does."""
+        if not self.merged:
+            self.merged_norm = self.weight_norm()
+            factor = (self.lora_magnitude_vector.float() / self.merged_norm)[:, None]
+            self.weight.copy_(factor * (self.weight.float() + self.delta_weight()))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            factor = (self.lora_magnitude_vector.float() / self.merged_norm)[:, None]
+            self.weight.copy_(self.weight.float() / factor - self.delta_weight())
+            self.merged, self.merged_norm = False, None
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        return {**super().adapter_tensors(), "lora_magnitude_vector": self.lora_magnitude_vector}
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", dora=True"
+
 
 @dataclass(frozen=True)
 class LoRASettings:
@@ -114,6 +181,7 @@ class LoRASettings:
     targets: tuple[str, ...] = LORA_TARGETS
     layers: tuple[int, ...] | None = None  # block indices; None = every block
     rslora: bool = False
+    dora: bool = False
 
     @property
     def scaling(self) -> float:
@@ -131,21 +199,22 @@ class LoRASettings:
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
                targets: tuple[str, ...] | list[str] = LORA_TARGETS, layers: list[int] | tuple[int, ...] | None = None,
-               rslora: bool = False) -> LoRASettings:
+               rslora: bool = False, dora: bool = False) -> LoRASettings:
     """Wrap `targets` of the blocks `layers` (None = all; negative indices count from the end) in
-    LoRALinear, in place, and freeze everything else: afterwards the trainable parameters are
-    exactly the LoRA parameters. Returns the normalised settings."""
+    LoRALinear (DoRALinear with dora), in place, and freeze everything else: afterwards the
+    trainable parameters are exactly the LoRA parameters. Returns the normalised settings."""
     gpt = unwrap(model)
-    settings = _make_settings(gpt.config.n_layer, rank, alpha, dropout, targets, layers, rslora)
+    settings = _make_settings(gpt.config.n_layer, rank, alpha, dropout, targets, layers, rslora, dora)
     if lora_modules(gpt):
         raise UserError("the model already has LoRA adapters; apply_lora once, on a model without them")
     gpt.requires_grad_(False)
+    wrapper = DoRALinear if settings.dora else LoRALinear
     for i in settings.blocks(gpt.config.n_layer):
         for target in settings.targets:
             parent_name, child_name = target.split(".")
             parent = getattr(gpt.transformer.h[i], parent_name)
-            setattr(parent, child_name, LoRALinear(getattr(parent, child_name), settings.rank, settings.alpha,
-                                                   settings.dropout, settings.rslora))
+            setattr(parent, child_name, wrapper(getattr(parent, child_name), settings.rank, settings.alpha,
+                                                settings.dropout, settings.rslora))
     return settings
 
 
@@ -166,7 +235,7 @@ def check_lora_options(rank, alpha, dropout, targets) -> tuple[str, ...]:
     return tuple(targets)
 
 
-def _make_settings(n_layer, rank, alpha, dropout, targets, layers, rslora) -> LoRASettings:
+def _make_settings(n_layer, rank, alpha, dropout, targets, layers, rslora, dora=False) -> LoRASettings:
     targets = check_lora_options(rank, alpha, dropout, targets)
     if layers is not None:
         bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not -n_layer <= i < n_layer]
@@ -176,7 +245,8 @@ def _make_settings(n_layer, rank, alpha, dropout, targets, layers, rslora) -> Lo
         layers = tuple(sorted({i % n_layer for i in layers}))
         layers = None if len(layers) == n_layer else layers  # "all blocks" has one spelling
     return LoRASettings(rank=rank, alpha=float(alpha), dropout=float(dropout),
-                        targets=tuple(t for t in LORA_TARGETS if t in targets), layers=layers, rslora=bool(rslora))
+                        targets=tuple(t for t in LORA_TARGETS if t in targets), layers=layers, rslora=bool(rslora),
+                        dora=bool(dora))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -204,14 +274,14 @@ def lora_settings(model: nn.Module) -> LoRASettings | None:
     modules = lora_modules(model)
     if not modules:
         return None
-    kinds = {(m.rank, m.alpha, m.dropout_p, m.rslora) for m in modules.values()}
+    kinds = {(m.rank, m.alpha, m.dropout_p, m.rslora, isinstance(m, DoRALinear)) for m in modules.values()}
     layers = sorted({layer for layer, _ in modules})
     targets = [t for t in LORA_TARGETS if any(target == t for _, target in modules)]
     if len(kinds) > 1 or len(modules) != len(layers) * len(targets):
-        raise UserError("the model's LoRA modules differ in rank/alpha or do not cover the same targets in "
+        raise UserError("the model's LoRA modules differ in rank/alpha/kind or do not cover the same targets in "
                         "every adapted block; apply LoRA with apply_lora only")
-    (rank, alpha, dropout, rslora), = kinds
-    return _make_settings(unwrap(model).config.n_layer, rank, alpha, dropout, targets, layers, rslora)
+    (rank, alpha, dropout, rslora, dora), = kinds
+    return _make_settings(unwrap(model).config.n_layer, rank, alpha, dropout, targets, layers, rslora, dora)
 
 
 def merge_lora(model: nn.Module) -> None:
@@ -235,18 +305,18 @@ def _require_lora(model: nn.Module) -> dict[tuple[int, str], LoRALinear]:
 
 # ---------------------------------------------------------------------------- adapter state
 
-def _key(layer: int, target: str, matrix: str) -> str:
-    return f"{PEFT_PREFIX}transformer.h.{layer}.{target}.lora_{matrix}.weight"
+def _key(layer: int, target: str, name: str) -> str:
+    """PEFT's key of the adapter tensor `name` (LoRALinear.adapter_tensors) of one module. PEFT
+    saves DoRA's magnitude as `lora_magnitude_vector`, without the `.weight` its module has."""
+    return f"{PEFT_PREFIX}transformer.h.{layer}.{target}.{name}"
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA tensors under PEFT's keys; detached views of the live parameters (clone to keep a
     snapshot)."""
-    state = {}
-    for (layer, target), module in lora_modules(model).items():
-        state[_key(layer, target, "A")] = module.lora_A.weight.detach()
-        state[_key(layer, target, "B")] = module.lora_B.weight.detach()
-    return state
+    return {_key(layer, target, name): tensor.detach()
+            for (layer, target), module in lora_modules(model).items()
+            for name, tensor in module.adapter_tensors().items()}
 
 
 def _expected_shapes(gpt: nn.Module, settings: LoRASettings) -> dict[str, tuple[int, ...]]:
@@ -255,8 +325,10 @@ def _expected_shapes(gpt: nn.Module, settings: LoRASettings) -> dict[str, tuple[
     for layer in settings.blocks(gpt.config.n_layer):
         for target in settings.targets:
             linear = gpt.transformer.h[layer].get_submodule(target)
-            shapes[_key(layer, target, "A")] = (settings.rank, linear.in_features)
-            shapes[_key(layer, target, "B")] = (linear.out_features, settings.rank)
+            shapes[_key(layer, target, "lora_A.weight")] = (settings.rank, linear.in_features)
+            shapes[_key(layer, target, "lora_B.weight")] = (linear.out_features, settings.rank)
+            if settings.dora:
+                shapes[_key(layer, target, "lora_magnitude_vector")] = (linear.out_features,)
     return shapes
 
 
@@ -295,7 +367,7 @@ def peft_config(settings: LoRASettings, base_model_name_or_path: str | None) -> 
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings.rank,
         "lora_alpha": int(settings.alpha) if float(settings.alpha).is_integer() else settings.alpha,
         "lora_dropout": settings.dropout, "target_modules": list(settings.targets), "fan_in_fan_out": True,
-        "bias": "none", "use_rslora": settings.rslora, "use_dora": False, "lora_bias": False,
+        "bias": "none", "use_rslora": settings.rslora, "use_dora": settings.dora, "lora_bias": False,
         "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
         "base_model_name_or_path": base_model_name_or_path, "layers_to_transform": None, "layers_pattern": None,
     }
@@ -337,7 +409,7 @@ def read_adapter_config(folder: str | Path) -> dict:
 
 
 # PEFT options that change the computation in ways this model does not implement (set = in use).
-_UNSUPPORTED = ("use_dora", "lora_bias", "modules_to_save", "rank_pattern", "alpha_pattern", "layer_replication",
+_UNSUPPORTED = ("lora_bias", "modules_to_save", "rank_pattern", "alpha_pattern", "layer_replication",
                 "trainable_token_indices", "target_parameters", "use_qalora", "alora_invocation_tokens")
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
@@ -353,7 +425,7 @@ def settings_from_peft_config(config: dict, n_layer: int, origin: str = ADAPTER_
                            "path_initial_model_for_weight_conversion)")
     if unsupported:
         raise UserError(f"{origin}: unsupported PEFT LoRA options {', '.join(unsupported)}; "
-                        "only plain LoRA (optionally rsLoRA) on GPT-2's linears is supported")
+                        "only plain LoRA (optionally rsLoRA, DoRA) on GPT-2's linears is supported")
     try:
         chosen = {(i, t) for i in range(n_layer) for t in LORA_TARGETS
                   if _peft_selects(config, f"transformer.h.{i}.{t}")}
@@ -370,7 +442,8 @@ def settings_from_peft_config(config: dict, n_layer: int, origin: str = ADAPTER_
                         "targets in every adapted block are supported")
     try:
         return _make_settings(n_layer, config.get("r", 8), config.get("lora_alpha", 8),
-                              config.get("lora_dropout", 0.0), targets, layers, config.get("use_rslora", False))
+                              config.get("lora_dropout", 0.0), targets, layers, config.get("use_rslora", False),
+                              config.get("use_dora", False))
     except (UserError, TypeError) as err:
         raise UserError(f"{origin}: {err}") from None
 

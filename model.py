@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from data import IGNORE_INDEX
-from errors import UserError
+from errors import UserError, check_range, one_line
 from files import write_atomic, write_text_atomic
 from tokenizer import tokenizer_files
 
@@ -34,14 +35,20 @@ class GPTConfig:
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0  # one knob for embedding, attention and residual dropout
+    neftune_alpha: float = 0.0  # NEFTune: noise on the token embeddings while training (0 = off); see embed
     layer_norm_epsilon: float = 1e-5
     grad_checkpointing: bool = False  # recompute each block in backward to save activation memory
 
     def check(self) -> None:
+        for flag, value in (("--block-size", self.block_size), ("--vocab-size", self.vocab_size),
+                            ("--n-layer", self.n_layer), ("--n-head", self.n_head), ("--n-embd", self.n_embd)):
+            check_range(flag, value, 1)
+        check_range("--layer-norm-epsilon", self.layer_norm_epsilon, 0, low_open=True)
         if self.n_embd % self.n_head:
             raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"--dropout: dropout probabilities must be in [0, 1), got {self.dropout}")
+        check_range("--neftune-alpha", self.neftune_alpha, 0)
 
 
 class KVCache:
@@ -145,14 +152,15 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def hidden_states(self, idx, position_ids=None, attn_mask=None, cache: KVCache | None = None):
-        """Final-LayerNorm output [B, T, C]. With a cache, pass position_ids and attn_mask too."""
+    def hidden_states(self, idx, position_ids=None, attn_mask=None, cache: KVCache | None = None, lengths=None):
+        """Final-LayerNorm output [B, T, C]. With a cache, pass position_ids and attn_mask too.
+        lengths [B]: each row's real tokens (the rest is right padding), for NEFTune only."""
         T = idx.size(1)
         if position_ids is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of length {T} exceeds the context of {self.config.block_size}")
             position_ids = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
+        x = self.transformer.drop(self.embed(idx, lengths) + self.transformer.wpe(position_ids))
         for block in self.transformer.h:
             if self.config.grad_checkpointing and self.training:
                 x = checkpoint(block, x, attn_mask, cache, use_reentrant=False)
@@ -162,8 +170,26 @@ class GPT(nn.Module):
             cache.length += T
         return self.transformer.ln_f(x)
 
+    def embed(self, idx, lengths=None):
+        """Token embeddings; while training with neftune_alpha > 0, plus NEFTune's noise (Jain et
+        al. 2023): uniform in [-1, 1] times alpha / sqrt(L d), d = n_embd and L the row's real
+        tokens (lengths; None: every position is real), zero on padding. This is the paper's own
+        code (its train.py scales by the attention mask's length and masks the padding);
+        transformers' NEFTune hook instead takes L as the padded width and noises the padding."""
+        emb = self.transformer.wte(idx)
+        if not (self.training and self.config.neftune_alpha > 0):
+            return emb
+        B, T, d = emb.shape
+        if lengths is None:
+            lengths = torch.full((B,), T, device=idx.device)
+        lengths = torch.as_tensor(lengths, device=idx.device)
+        real = torch.arange(T, device=idx.device)[None, :] < lengths[:, None]  # [B, T]
+        scale = (self.config.neftune_alpha / torch.sqrt(lengths.clamp(min=1).float() * d)).to(emb.dtype)
+        noise = torch.empty_like(emb).uniform_(-1, 1)
+        return emb + noise * (real[:, :, None] * scale[:, None, None])
+
     def forward(self, idx, targets=None, *, reduction: str = "mean", targets_only: bool = False,
-                n_targets: int | None = None, ce_chunk: int = 0):
+                n_targets: int | None = None, ce_chunk: int = 0, lengths=None):
         """Returns (logits, loss). Targets are already shifted (targets[:, t] follows idx[:, t]);
         IGNORE_INDEX marks positions without one. reduction "sum" lets a training step divide by
         the target tokens of all its micro-batches.
@@ -173,7 +199,7 @@ class GPT(nn.Module):
         masked prompt or padding, and the head is the largest matmul. n_targets, the number of
         targets, fixes the shapes; the training loop counts it on the host for free. Left None,
         it is read from the device (a sync, and a graph break under torch.compile)."""
-        h = self.hidden_states(idx)
+        h = self.hidden_states(idx, lengths=lengths)  # lengths: real tokens per row, for NEFTune
         if targets is None:
             return self.lm_head(h), None
         if targets_only:
@@ -369,14 +395,15 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         dw = torch.zeros_like(weight) if grad_w else None  # summed over chunks in the weight's dtype
         for start in range(0, h.size(0), chunk):
             hc, tc = h[start:start + chunk].to(dtype), targets[start:start + chunk]
-            logits = F.linear(hc, w).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total = total + (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            # log_softmax, as cross_entropy takes it: x - logsumexp(x) rounds differently, by
+            # ~eps * |max logit| in every exponent, ~1e-6 relative in the gradients
+            logp = F.linear(hc, w).float().log_softmax(dim=-1)
+            picked = logp.gather(1, tc[:, None])
+            total = total - picked.sum()
             if not (grad_h or grad_w):
                 continue
-            # d(loss)/d(logits) = softmax - one_hot(target), made in place in the logits' buffer
-            probs = logits.sub_(lse[:, None]).exp_()
-            probs.scatter_add_(1, tc[:, None], torch.full_like(lse[:, None], -1.0))
+            # d(loss)/d(logits) = softmax - one_hot(target), made in place in log_softmax's buffer
+            probs = logp.exp_().scatter_add_(1, tc[:, None], torch.full_like(picked, -1.0))
             dlogits = probs.to(dtype)
             if grad_h:
                 dh[start:start + chunk] = dlogits @ w
@@ -493,8 +520,17 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
             return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True)  # never plain pickle
+    except pickle.UnpicklingError as err:
+        if "weights only load failed" not in str(err).lower():
+            raise UserError(f"{path}: cannot read the weights ({one_line(err)}); the file is damaged or "
+                            "incomplete, download or save it again") from None
+        # A pickle holding more than tensors could run code when loaded: refused, and converted once.
+        raise UserError(f"{path} is a PyTorch pickle holding more than tensors, which is not loaded because "
+                        "unpickling it could run code; convert it once with transformers: "
+                        "GPT2LMHeadModel.from_pretrained(FOLDER).save_pretrained(NEW_FOLDER, "
+                        "safe_serialization=True), then use NEW_FOLDER") from None
     except Exception as err:
-        raise UserError(f"{path}: cannot read the weights ({type(err).__name__}: {err}); "
+        raise UserError(f"{path}: cannot read the weights ({one_line(err)}); "
                         "the file is damaged or incomplete, download or save it again") from None
 
 

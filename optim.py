@@ -1,6 +1,6 @@
 """Optimizers, parameter groups, learning-rate schedules, and the parameter/memory report.
 
-Parameter groups carry an `lr_scale` (layer-wise lr decay) that the schedule multiplies in, so
+Parameter groups carry an `lr_scale` (layer-wise lr decay, LoRA+) that the schedule multiplies in, so
 the schedule is a plain function of the step: nothing to save but the step itself.
 """
 from __future__ import annotations
@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+import devices
 import lora
-from errors import UserError
+from errors import UserError, check_range
 
 # optimizer -> state tensors it keeps per parameter (momentum buffer; Adam's two moments)
 OPTIMIZERS = {"sgd": 0, "momentum": 1, "nesterov": 1, "adamw": 2}
@@ -42,8 +43,15 @@ class OptimConfig:
             raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
             raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise UserError(f"need 0 <= --min-lr <= --lr and --lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        for flag, value in (("--momentum", self.momentum), ("--beta1", self.beta1), ("--beta2", self.beta2)):
+            check_range(flag, value, 0, 1, high_open=True)
+        check_range("--eps", self.eps, 0, low_open=True)
+        for flag, value in (("--weight-decay", self.weight_decay), ("--warmup", self.warmup),
+                            ("--grad-clip", self.grad_clip), ("--freeze-layers", self.freeze_layers)):
+            check_range(flag, value, 0)  # the upper bound of --freeze-layers needs the model: configs.validate
+        check_range("--llrd", self.llrd, 0, 1, low_open=True)
 
 
 _BLOCK_INDEX = re.compile(r"\.h\.(\d+)\.")
@@ -67,23 +75,29 @@ def freeze_first_blocks(model: nn.Module, n_blocks: int) -> None:
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Weight decay only on matrices (>= 2-D: linears, embeddings), never on biases and
-    LayerNorms; one group per (depth, decay) when layer-wise lr decay is on."""
+    LayerNorms; one group per (depth, decay) when layer-wise lr decay is on.
+
+    LoRA+ (cfg a LoRAConfig with lora_plus_ratio R != 1) multiplies the lr_scale of the LoRA B
+    matrices and of every trainable 1-D parameter (DoRA's magnitudes) by R, as PEFT's
+    create_loraplus_optimizer groups them ("lora_B" in the name or 1-D)."""
     n_layer = model.config.n_layer
-    groups: dict[tuple[float, bool], list] = {}
+    ratio = cfg.lora_plus_ratio if isinstance(cfg, lora.LoRAConfig) else 1.0
+    groups: dict[tuple[float, bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         scale = cfg.llrd ** (n_layer + 1 - layer_depth(name, n_layer)) if cfg.llrd != 1.0 else 1.0
-        groups.setdefault((scale, p.dim() >= 2), []).append(p)
+        plus = ratio != 1.0 and (".lora_B." in name or p.dim() == 1)
+        groups.setdefault((scale * ratio if plus else scale, p.dim() >= 2, plus), []).append(p)
     return [{"params": params, "lr_scale": scale, "weight_decay": cfg.weight_decay if decay else 0.0}
-            for (scale, decay), params in groups.items()]
+            for (scale, decay, _), params in groups.items()]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device | str) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
     if cfg.optimizer == "adamw":
         # The fused kernel is CUDA-only; foreach (multi-tensor) is the fast path elsewhere.
-        fast = dict(fused=True) if device_type == "cuda" else dict(foreach=True)
+        fast = dict(fused=True) if devices.fused_adamw(torch.device(device)) else dict(foreach=True)
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **fast)
     momentum = {"sgd": 0.0, "momentum": cfg.momentum, "nesterov": cfg.momentum}[cfg.optimizer]
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=momentum, nesterov=cfg.optimizer == "nesterov",
@@ -132,7 +146,7 @@ def param_report(model: nn.Module, optimizer: str, dtype_bytes: int = 4) -> dict
     trainable = sum(p.numel() for p in params if p.requires_grad)
     by_target: dict[str, int] = {}
     for (_, target), module in lora.lora_modules(gpt).items():
-        by_target[target] = by_target.get(target, 0) + module.lora_A.weight.numel() + module.lora_B.weight.numel()
+        by_target[target] = by_target.get(target, 0) + sum(t.numel() for t in module.adapter_tensors().values())
     n_lora = sum(by_target.values())
     buffers = OPTIMIZERS[optimizer]
     memory = {"weights": total * dtype_bytes, "gradients": trainable * dtype_bytes,

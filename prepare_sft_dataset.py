@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import urllib.error
@@ -21,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data import encode_record, length_percentiles, parse_records
+from data import SPLIT_MANIFEST, encode_record, file_sha256, length_percentiles, parse_records
 from errors import ArgParser, UserError, run_cli
-from files import write_text_atomic
+from files import write_json_atomic
 from templates import DEFAULT_TEMPLATE, TEMPLATES, get_template
 from tokenizer import load_tokenizer
 
@@ -109,8 +110,21 @@ def token_summary(records: list[dict], tokenizer, template: str, max_len: int) -
             "n_prompt_over_context": int((prompt_lengths > max_len).sum())}
 
 
-def _write_json(path: Path, records: list[dict]) -> None:
-    write_text_atomic(path, json.dumps(records, ensure_ascii=False, indent=2))
+def replace_splits(out: Path, splits: dict[str, list[dict]]) -> None:
+    """Replace the train and test files as one unit. Both are written under temporary names; the
+    manifest with both hashes is replaced next, then the two files are renamed into place. A crash
+    at any point leaves either a pair that matches the manifest or one that data.check_split_pair
+    refuses, never a new split silently beside an old one."""
+    tmps = {name: out / f".{name}.{os.getpid()}.tmp" for name in splits}
+    try:
+        for name, records in splits.items():
+            tmps[name].write_text(json.dumps(records, ensure_ascii=False, indent=2), encoding="utf-8")
+        write_json_atomic(out / SPLIT_MANIFEST, {name: file_sha256(tmp) for name, tmp in tmps.items()})
+        for name, tmp in tmps.items():
+            os.replace(tmp, out / name)
+    finally:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
 
 
 def main(argv=None) -> dict:
@@ -133,10 +147,9 @@ def main(argv=None) -> dict:
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name, part in (("sft_train.json", train), ("sft_test.json", test)):
-        _write_json(out / name, part)
-        for stale in out.glob(f"{name.removesuffix('.json')}.*.npz"):  # token caches of the old file
-            stale.unlink()
+    replace_splits(out, {"sft_train.json": train, "sft_test.json": test})
+    for stale in out.glob("sft_*.*.npz"):  # token caches of the old files
+        stale.unlink()
 
     summary = {"input": args.input, "n_in": n_in, "n_dropped_duplicates": n_duplicates, "n_dropped_empty": n_empty,
                "n_train": len(train), "n_test": len(test), "seed": args.seed}

@@ -24,6 +24,8 @@ replaced after that, so a crash at any moment leaves the previous checkpoint usa
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import math
 import os
@@ -33,14 +35,15 @@ import shutil
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Optional
+from typing import IO, Callable, Optional
 
 import numpy as np
 import torch
 
 import lora
 from configs import TrainConfig, config_from_dict
-from errors import UserError
+from data import SFTDataset, tokenizer_fingerprint
+from errors import UserError, one_line
 from files import write_json_atomic, write_text_atomic
 from model import GPT, GPTConfig
 from templates import get_template
@@ -54,6 +57,7 @@ STATUSES = ("running", "finished", "interrupted", "failed")
 # ----------------------------------------------------------------------------- naming and creating
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
+MAX_NAME = 200  # bytes; file systems allow 255 per name, and the folder is built under a longer temporary one
 
 
 def new_run_dir(train: TrainConfig, preset_name: str) -> Path:
@@ -62,6 +66,8 @@ def new_run_dir(train: TrainConfig, preset_name: str) -> Path:
     if train.run_name is not None:
         if not _SAFE_NAME.match(train.run_name) or ".." in train.run_name:
             raise UserError(f"--run-name {train.run_name!r}: use letters, digits, '.', '_', '-' (no path separators or '..')")
+        if len(train.run_name) > MAX_NAME:
+            raise UserError(f"--run-name is {len(train.run_name)} characters long; use at most {MAX_NAME}")
         if (root / train.run_name).exists():
             raise UserError(f"{root / train.run_name} already exists; pass --resume {root / train.run_name} or another --run-name")
         return root / train.run_name
@@ -105,6 +111,48 @@ def create_run_folder(run_dir: Path, start: RunStart) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# ----------------------------------------------------------------------------- one process per run
+
+LOCK = ".lock"
+
+
+def lock_run(run_dir: Path) -> IO:
+    """An exclusive lock on the run folder, held while the returned file stays open (the operating
+    system releases it when the process ends, even on kill -9): a second process is refused."""
+    handle = open(Path(run_dir) / LOCK, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UserError(f"{run_dir} is in use by another training process (it holds {Path(run_dir) / LOCK}); "
+                        "wait for it to end, or stop it, before resuming") from None
+    return handle
+
+
+# ----------------------------------------------------------------------------- what the run trained on
+
+def data_fingerprint(train: SFTDataset, test: SFTDataset, tokenizer: Tokenizer, template: str) -> dict:
+    """Content hashes of what a run learns from: the tokenised splits (so any change of the records
+    shows), the tokenizer and the template text. Kept in hyperparams.json, compared on --resume."""
+    text = get_template(template)
+    return {"train split": _examples_hash(train), "test split": _examples_hash(test),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "template": hashlib.sha256(f"{text.no_input}\0{text.with_input}".encode()).hexdigest()}
+
+
+def _examples_hash(dataset: SFTDataset) -> str:
+    h = hashlib.sha256()
+    for array, dtype in ((dataset.ids, np.int32), (dataset.offsets, np.int64), (dataset.n_masked, np.int64)):
+        h.update(np.ascontiguousarray(array, dtype=dtype).tobytes())
+    return h.hexdigest()
+
+
+def fingerprint_changes(saved: Optional[dict], now: dict) -> list[str]:
+    """The parts (train split, test split, tokenizer, template) that differ; none for a run that
+    predates fingerprints."""
+    return [name for name in now if saved and name in saved and saved[name] != now[name]]
+
+
 # ----------------------------------------------------------------------------- metrics and samples
 
 def summarize(records: list[dict]) -> dict:
@@ -146,10 +194,13 @@ class Metrics:
     status: str = "running"
     summary: dict = field(default_factory=dict)
     error: Optional[str] = None  # the one-line cause of a failed run
+    on_record: Optional[Callable[[dict], None]] = None  # e.g. an experiment tracker's log
 
     def add(self, record: dict) -> None:
         self.records.append({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()})
         self.write()
+        if self.on_record is not None:
+            self.on_record(self.records[-1])
 
     def write(self) -> None:
         payload = {"run_name": self.run_name, "status": self.status, "records": self.records,
@@ -158,15 +209,29 @@ class Metrics:
             payload["error"] = self.error
         write_json_atomic(self.path, payload)
 
-    def finish(self, status: str, extra: Optional[dict] = None) -> None:
+    def finish(self, status: str, extra: Optional[dict] = None, error: Optional[str] = None) -> None:
+        """The final status; a failed run's one-line error goes in the file and in its summary."""
         assert status in STATUSES, status
-        self.status = status
-        self.summary = {**summarize(self.records), **(extra or {})}
+        self.status, self.error = status, error
+        self.summary = {**summarize(self.records), **(extra or {}), **({"error": error} if error else {})}
         self.write()
 
     def truncate(self, step: int) -> None:
         """Drop the records made after `step`: on resume they are lost progress, made again."""
         self.records = [r for r in self.records if r["step"] <= step]
+
+
+def discard_progress(run_dir: Path) -> None:
+    """Remove what a run recorded (metrics, samples, evaluations, unfinished checkpoints), keeping
+    what it started with: for a run restarted from step 0."""
+    for name in (METRICS, SAMPLES):
+        (Path(run_dir) / name).unlink(missing_ok=True)
+    for name in (EVAL, CHECKPOINTS):
+        shutil.rmtree(Path(run_dir) / name, ignore_errors=True)
+
+
+def write_hyperparams(run_dir: Path, hyperparams: dict) -> None:
+    write_json_atomic(Path(run_dir) / HYPERPARAMS, hyperparams)
 
 
 def read_metrics(run_dir: Path) -> dict:
@@ -224,6 +289,85 @@ def save_checkpoint(run_dir: Path, step: int, model: GPT, state: dict, base_mode
     os.replace(tmp, final)
     write_text_atomic(root / "latest", final.name)
     return final
+
+
+def step_dirs(run_dir: Path) -> list[Path]:
+    """The complete step folders, newest first (a .tmp one is being written, or was abandoned)."""
+    root = Path(run_dir) / CHECKPOINTS
+    found = [p for p in root.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` step folders (0 = keep all) up to the one `latest` names;
+    never that one, never a .tmp one being written, and never a newer one (the remains of a
+    timeline before a resume, replaced when the run reaches that step again). Returns the deleted."""
+    latest = latest_checkpoint(run_dir)
+    if keep <= 0 or latest is None:
+        return []
+    current = int(latest.name[5:])
+    older = [p for p in step_dirs(run_dir) if int(p.name[5:]) <= current and p != latest]
+    doomed = older[keep - 1:]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+def weights_problem(step_dir: Path) -> Optional[str]:
+    """Why a step folder's weights cannot be used (None: they look complete): present, and each
+    safetensors file as long as its header says. Cheap: the tensors themselves are not read."""
+    _, folder = checkpoint_weights(step_dir)
+    weights = list(folder.glob("*.safetensors"))
+    if not weights:
+        return f"no .safetensors weights in {folder}"
+    for path in weights:
+        problem = _safetensors_problem(path)
+        if problem:
+            return f"{path.name}: {problem}"
+    return None
+
+
+def _safetensors_problem(path: Path) -> Optional[str]:
+    """A cheap completeness check: the header parses and the data it describes fits the file."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n < 100_000_000:
+            return "no safetensors header (damaged or truncated)"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return "unreadable safetensors header (damaged or truncated)"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if path.stat().st_size < 8 + n + end:
+        return "shorter than its header says (truncated)"
+    return None
+
+
+def resumable_checkpoint(run_dir: Path) -> tuple[Optional[Path], Optional[dict], list[str]]:
+    """The newest checkpoint that can be resumed from (`latest` first, then older step folders),
+    its loaded state, and one line per damaged checkpoint skipped. (None, None, []) when the run
+    has saved none yet; a UserError when it saved some and none is usable."""
+    candidates = step_dirs(run_dir)
+    latest = latest_checkpoint(run_dir)
+    if latest is not None and latest in candidates:
+        candidates.remove(latest)
+        candidates.insert(0, latest)
+    skipped = []
+    for step_dir in candidates:
+        try:
+            problem = weights_problem(step_dir)
+            state = None if problem else load_state(step_dir)
+        except UserError as err:
+            problem = str(err)
+        except Exception as err:  # whatever torch.load raises on a damaged state.pt
+            problem = f"state.pt: {one_line(err)}"
+        if problem is None:
+            return step_dir, state, skipped
+        skipped.append(f"checkpoint {step_dir.name} is unusable ({problem})")
+    if skipped:
+        raise UserError(f"{run_dir}: no usable checkpoint; " + "; ".join(skipped))
+    return None, None, []
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:

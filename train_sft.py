@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import platform
+import shutil
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -30,13 +33,17 @@ from tqdm import tqdm
 
 import devices
 import lora
+import memplan
 import optim
 import runs
-from configs import GPTConfig, TrainConfig, config_from_dict, config_to_dict, parse_args
+import sharding
+import trackers
+from configs import (MODEL_PRESETS, RESUME_OPTIONS, GPTConfig, TrainConfig, config_from_dict, config_to_dict,
+                     implied_by, parse_command_line, validate)
 from data import LengthGroupedBatchSampler, SFTDataset, collate, count_target_tokens, load_sft_split
-from errors import UserError, run_cli
+from errors import UserError, one_line, run_cli
 from generation import GenerationSettings, generate_responses
-from model import GPT, config_to_hf, read_hf_state_dict
+from model import GPT, config_from_hf, config_to_hf, is_hub_id, read_hf_state_dict
 from synthetic import SYNTHETIC_SIZES, exact_match, make_synthetic_split
 from tokenizer import Tokenizer, tokenizer_for
 from validation import evaluate_loss
@@ -124,6 +131,7 @@ class Setup:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     compute_dtype: Optional[torch.dtype]  # autocast dtype; None = float32
+    memory_plan: memplan.MemoryPlan  # the predicted bytes per rank, before the run
 
     def precision(self):
         """Autocast in the run's compute dtype (a no-op in float32)."""
@@ -135,9 +143,17 @@ class Setup:
 def setup(model_cfg: GPTConfig, cfg: TrainConfig, ddp: Dist, device: torch.device, facts: devices.Facts,
           datasets: Optional[Datasets] = None, weights_from: Optional[Path] = None) -> Setup:
     """Build the model (with a checkpoint's weights when resuming), tokenizer, data, sampler and
-    optimizer. `datasets` replaces the configured data: the benchmarks feed their own examples."""
+    optimizer. `datasets` replaces the configured data: the benchmarks feed their own examples.
+    With --fsdp the model is sharded (sharding.py) and `model` is `raw_model` itself."""
+    compute_dtype = devices.compute_dtype(cfg.dtype, device, facts)
+    if cfg.fsdp:
+        sharding.check_options(cfg, dist.is_initialized(), compute_dtype)
     tokenizer = tokenizer_for(cfg.init_from, cfg.tokenizer)
     raw_model, settings = build_model(model_cfg, cfg)
+    memory_plan, advice = predict_memory(raw_model.config, cfg, ddp.world, compute_dtype)
+    if advice is not None:
+        raise UserError(f"--max-memory {cfg.max_memory}: this run is predicted not to fit; {advice} "
+                        "(python train_sft.py ... --dry-run prints the whole plan)")
     if weights_from is not None:
         restore_weights(raw_model, weights_from)
     raw_model.to(device)
@@ -154,16 +170,36 @@ def setup(model_cfg: GPTConfig, cfg: TrainConfig, ddp: Dist, device: torch.devic
     if steps_per_epoch == 0:
         raise UserError(f"{len(data.train)} examples make less than one step of "
                         f"{cfg.batch_size} x {cfg.grad_accum} x {ddp.world}; lower --batch-size or --grad-accum")
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    if ddp.world > 1:
+    if cfg.fsdp:
+        model = sharding.shard(raw_model, device, compute_dtype)
+    else:
+        model = torch.compile(raw_model) if cfg.compile else raw_model
+    if ddp.world > 1 and not cfg.fsdp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=devices.ddp_device_ids(device))
-    compute_dtype = devices.compute_dtype(cfg.dtype, device, facts)
+    optimizer = optim.build_optimizer(raw_model, cfg, device)  # after sharding: it holds the shards
+    if cfg.fsdp:
+        sharding.report_local_bytes(raw_model, optimizer)
     return Setup(model_cfg=model_cfg, cfg=cfg, ddp=ddp, device=device, tokenizer=tokenizer, raw_model=raw_model,
                  model=model, lora_settings=settings, data=data, sampler=sampler, steps_per_epoch=steps_per_epoch,
                  total_steps=cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch),
-                 optimizer=optim.build_optimizer(raw_model, cfg, device.type),
+                 optimizer=optimizer,
                  scaler=torch.amp.GradScaler(device.type, enabled=devices.needs_grad_scaler(compute_dtype)),
-                 compute_dtype=compute_dtype)
+                 compute_dtype=compute_dtype, memory_plan=memory_plan)
+
+
+def predict_memory(model_cfg: GPTConfig, cfg: TrainConfig, world: int,
+                   compute_dtype: Optional[torch.dtype]) -> tuple[memplan.MemoryPlan, Optional[str]]:
+    """The memory plan per rank (memplan.py); with --max-memory, and only when the run is
+    predicted not to fit, what would fit and the options that give it."""
+    inputs = memplan.PlanInputs.from_configs(model_cfg, cfg, world, cfg.fsdp,
+                                             compute_dtype=compute_dtype or torch.float32)
+    predicted = memplan.plan(inputs)
+    if cfg.max_memory is None or predicted.total <= memplan.parse_size(cfg.max_memory):
+        return predicted, None
+    fitting, how = memplan.propose(inputs, memplan.parse_size(cfg.max_memory))  # UserError when nothing fits
+    flags = [f"--batch-size {fitting.batch_size}", f"--grad-accum {fitting.grad_accum}"]
+    flags += ["--grad-checkpointing"] if fitting.grad_checkpointing else []
+    return predicted, f"{how}: pass {' '.join(flags)}"
 
 
 def restore_weights(model: GPT, checkpoint: Path) -> None:
@@ -188,6 +224,7 @@ class StepResult(NamedTuple):
     grad_norm: float  # before clipping
     targets: int
     tokens: int
+    stop: bool = False  # some rank received SIGINT/SIGTERM: every rank stops after this step
 
 
 class Stop(Exception):
@@ -214,7 +251,7 @@ class Trainer:
 
     def micro_batches(self):
         """Endless micro-batches for this rank, epoch after epoch, resumable mid-epoch."""
-        pin = self.s.device.type == "cuda"  # pinned host memory makes the copy asynchronous
+        pin = devices.pin_memory(self.s.device)
         while True:
             self.s.sampler.set_epoch(self.epoch, skip_batches=self.batches_done)
             for indices in self.s.sampler:
@@ -230,6 +267,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
+    def head_options(self, b: MicroBatch) -> dict:
+        """The head on target rows only, ce_chunk at a time, with the target count known on the host."""
+        if not self.cfg.head_on_targets_only:
+            return {}
+        return dict(targets_only=True, n_targets=b.n_targets, ce_chunk=self.cfg.ce_chunk)
+
     def train_step(self, batches: list[MicroBatch]) -> StepResult:
         """One optimizer step: the mean loss over the target tokens of all micro-batches and ranks.
 
@@ -241,23 +284,27 @@ class Trainer:
         never reaches them; nothing is read inside the micro-batches."""
         s, world = self.s, self.s.ddp.world
         capacity = world * len(batches) * self.cfg.batch_size * s.raw_model.config.block_size
-        totals = torch.zeros(3, dtype=torch.float64, device=s.device)  # loss sum, targets, tokens
+        # loss sum, targets, tokens, and whether a stop signal arrived (summed over ranks with the
+        # rest, so that all ranks stop at the same step and meet in the same collective save)
+        totals = torch.zeros(4, dtype=torch.float64, device=s.device)
         for i, b in enumerate(batches):
             last = i == len(batches) - 1
-            sync = contextlib.nullcontext() if last or world == 1 else s.model.no_sync()
+            # FSDP reduce-scatters every micro-batch: its gradients stay sharded (it has no no_sync)
+            sync = contextlib.nullcontext() if last or world == 1 or self.cfg.fsdp else s.model.no_sync()
             with sync, s.precision():
-                _, loss = s.model(b.x, b.y, reduction="sum", targets_only=self.cfg.head_on_targets_only)
+                _, loss = s.model(b.x, b.y, reduction="sum", **self.head_options(b))
                 s.scaler.scale(loss * (world / capacity)).backward()
             totals[0] += loss.detach().double()
             totals[1] += b.n_targets  # host numbers added on the device: no copy, no read
             totals[2] += b.n_tokens
+        totals[3] += float(self.stop_signal is not None)
         if world > 1:
             dist.all_reduce(totals)
         s.scaler.unscale_(s.optimizer)
         torch._foreach_mul_([p.grad for p in self.trainable if p.grad is not None], (capacity / totals[1]).float())
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)
-        loss_sum, targets, tokens, norm = torch.cat([totals, grad_norm.double().view(1)]).tolist()  # the one read
+        grad_norm = sharding.full_tensor(torch.nn.utils.clip_grad_norm_(self.trainable, clip))  # FSDP: over all shards
+        loss_sum, targets, tokens, stops, norm = torch.cat([totals, grad_norm.double().view(1)]).tolist()  # the one read
         mean_loss = loss_sum / targets
         if not math.isfinite(mean_loss):
             raise UserError(f"non-finite loss ({mean_loss}) at step {self.step + 1}; lower --lr, "
@@ -267,7 +314,7 @@ class Trainer:
         s.scaler.step(s.optimizer)  # with float16, skips steps whose gradients overflowed
         s.scaler.update()
         s.optimizer.zero_grad(set_to_none=True)
-        return StepResult(mean_loss, norm, int(targets), int(tokens))
+        return StepResult(mean_loss, norm, int(targets), int(tokens), stops > 0)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -275,7 +322,7 @@ class Trainer:
         """Mean loss per target token on the test split (+ exact match on the synthetic tasks)."""
         s = self.s
         result = evaluate_loss(s.raw_model, s.data.test, self.cfg.batch_size, s.tokenizer.eot_id,
-                               self.cfg.eval_batches or None, s.precision)  # eval_batches 0: the whole split
+                               self.cfg.eval_batches or None, s.precision, self.cfg.ce_chunk)  # eval_batches 0: all
         if self.cfg.dataset == "synthetic":
             records = s.data.test_records[:EXACT_MATCH_LIMIT]
             answers = self.answer(records, max_new_tokens=24, batch_size=50)
@@ -293,12 +340,17 @@ class Trainer:
         records = self.s.data.test_records[:self.cfg.sample_prompts]
         if records:
             max_new = min(128, self.s.raw_model.config.block_size // 2)
-            runs.add_samples(self.run_dir, self.step, records, self.answer(records, max_new, len(records)))
+            answers = self.answer(records, max_new, len(records))
+            if self.s.ddp.is_main:
+                runs.add_samples(self.run_dir, self.step, records, answers)
 
     def log_eval(self) -> None:
-        if self.s.ddp.is_main:
+        # Under FSDP each forward gathers weights from every rank, so all ranks evaluate and
+        # generate the same batches in lockstep (greedy decoding stops at the same step on all).
+        if self.s.ddp.is_main or self.cfg.fsdp:
             result = self.evaluate()
-            self.write_samples()
+            self.write_samples()  # written by rank 0
+        if self.s.ddp.is_main:
             self.best_val_loss = min(self.best_val_loss, result["val_loss"])
             self.metrics.add({"step": self.step, "epoch": self.epoch_float(), "tokens": self.tokens_seen,
                               "elapsed_s": self.elapsed(), **result})
@@ -325,18 +377,20 @@ class Trainer:
         self.interval = {"loss": 0.0, "targets": 0, "tokens": 0, "time": 0.0}
         return record
 
-    def state(self) -> dict:
+    def state(self, optimizer_state: dict) -> dict:
         s = self.s
         return {"step": self.step, "epoch": self.epoch, "batches_done": self.batches_done,
                 "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed(), "train_time_s": self.train_time,
                 "interval": dict(self.interval), "best_val_loss": self.best_val_loss,
-                "optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if s.device.type == "cuda" else None}}
+                "optimizer": optimizer_state, "scaler": s.scaler.state_dict(),
+                "rng": devices.rng_state(s.device)}
 
     def restore(self, state: dict) -> None:
         """Continue from a checkpoint's state (the weights were loaded by setup)."""
-        self.s.optimizer.load_state_dict(state["optimizer"])
+        if self.cfg.fsdp:  # the full state, keyed by parameter name: each rank takes its shard
+            sharding.load_optimizer_state(self.s.raw_model, self.s.optimizer, state["optimizer"])
+        else:
+            self.s.optimizer.load_state_dict(state["optimizer"])
         self.s.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
         self.tokens_seen, self.elapsed_before = state["tokens_seen"], state["elapsed_s"]
@@ -347,12 +401,20 @@ class Trainer:
         runs.keep_samples(self.run_dir, lambda step: step <= self.step)
 
     def save(self) -> None:
-        """Rank 0 writes; a model with a non-finite weight is never saved."""
-        if self.s.ddp.is_main:
-            if not all(torch.isfinite(p).all() for p in self.trainable):
+        """Rank 0 writes; a model with a non-finite weight is never saved. Under FSDP all ranks
+        first gather the full weights and optimizer state to rank 0, so that the checkpoint has
+        the same formats as a single process's."""
+        s = self.s
+        model, optimizer_state = s.raw_model, s.optimizer.state_dict()
+        if self.cfg.fsdp:
+            model = sharding.gather_model(s.raw_model)
+            optimizer_state = sharding.gather_optimizer_state(s.raw_model, s.optimizer)
+        if s.ddp.is_main:
+            if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
                 raise UserError(f"non-finite weights at step {self.step}; not saving a checkpoint")
-            runs.save_checkpoint(self.run_dir, self.step, self.s.raw_model, self.state(), self.base_model_name,
+            runs.save_checkpoint(self.run_dir, self.step, model, self.state(optimizer_state), self.base_model_name,
                                  tokenizer_dir=self.run_dir / runs.TOKENIZER)
+            runs.prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
         barrier(self.s.ddp)
 
     # ------------------------------------------------------------------ the loop
@@ -387,7 +449,8 @@ class Trainer:
                 self.log_eval()
             if self.step % cfg.save_interval == 0 or self.step == total:
                 self.save()
-            if self.stop_signal is not None:
+            if result.stop:
+                self.stop_signal = self.stop_signal or signal.SIGTERM  # a rank told by another one
                 if self.step % cfg.save_interval:
                     self.save()
                 raise Stop()
@@ -413,47 +476,106 @@ def describe_run(s: Setup, preset_name: str) -> dict:
     return {"preset": preset_name, "config": config_to_dict(s.raw_model.config, cfg),
             "params": report, "lora": s.lora_settings.to_dict() if s.lora_settings else None,
             "data": {"train": s.data.train.stats, "test": s.data.test.stats},
+            "fingerprint": runs.data_fingerprint(s.data.train, s.data.test, s.tokenizer, cfg.template),
             "steps": s.total_steps, "steps_per_epoch": s.steps_per_epoch,
             "global_batch": cfg.batch_size * cfg.grad_accum * s.ddp.world, "world_size": s.ddp.world,
             "compute_dtype": devices.dtype_name(s.compute_dtype),
+            "memory_plan": s.memory_plan.to_dict(),  # predicted bytes per rank; metrics.json's summary has the peak
             "torch_version": torch.__version__, "python": platform.python_version(), "device": str(s.device),
             "device_name": torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else platform.processor(),
             "created": datetime.now().isoformat(timespec="seconds")}
 
 
-def run_start(s: Setup, preset_name: str) -> runs.RunStart:
+def run_start(s: Setup, hyperparams: dict) -> runs.RunStart:
     """What the run folder starts with: hyperparams, the tokenizer, the template, and the base
     (its config for LoRA on pretrained weights; the whole base for LoRA on a random init)."""
     lora_base = s.cfg.lora and not s.cfg.init_from
-    return runs.RunStart(describe_run(s, preset_name), s.tokenizer, s.cfg.template,
+    return runs.RunStart(hyperparams, s.tokenizer, s.cfg.template,
                          base_config=config_to_hf(s.raw_model.config) if s.cfg.lora else None,
                          base_model=s.raw_model if lora_base else None)  # LoRA leaves the base weights' names as they were
 
 
-def restore_rng(rng: dict) -> None:
-    torch.set_rng_state(rng["torch"])
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+class Resolved(NamedTuple):
+    preset_name: str
+    model_cfg: GPTConfig
+    cfg: TrainConfig
+    run_dir: Path
+    saved: Optional[dict]  # when resuming: the run's hyperparams.json and metrics records
 
 
-def resolve_run(argv) -> tuple[str, GPTConfig, TrainConfig, Path, Optional[dict]]:
-    """The configs, the run folder, and (when resuming) the saved state."""
+def _flags(names) -> str:
+    return ", ".join("--" + n.replace("_", "-") for n in names)
+
+
+def resolve_run(argv) -> Resolved:
+    """The configs and the run folder. A resumed run continues with its saved configuration,
+    changed only by the options in RESUME_OPTIONS (how long it goes on, how it is paced)."""
     argv = sys.argv[1:] if argv is None else argv
-    preset_name, model_cfg, cfg = parse_args(argv, description=__doc__.split("\n")[0])
-    if cfg.resume is not None and any(a.startswith("-") and a.split("=")[0] != "--resume" for a in argv):
-        raise UserError("--resume takes no other options: a resumed run continues with its saved configuration")
-    if cfg.resume is None:
-        return preset_name, model_cfg, cfg, runs.new_run_dir(cfg, preset_name), None
-    run_dir = Path(cfg.resume)
+    line = parse_command_line(argv, description=__doc__.split("\n")[0])
+    if line.train.resume is None:
+        return Resolved(line.preset, line.model, line.train, runs.new_run_dir(line.train, line.preset), None)
+    changes = {k: v for k, v in line.given.items() if k != "resume"}
+    refused = sorted(set(changes) - set(RESUME_OPTIONS)) + ["config"] * any(
+        a.split("=")[0] == "--config" for a in argv)
+    if refused:
+        raise UserError(f"--resume cannot change {_flags(refused)} (they change what the run computes; start a "
+                        f"new run for that); with --resume you may give {_flags(RESUME_OPTIONS)}")
+    run_dir = Path(line.train.resume)
+    if not run_dir.is_dir():
+        raise UserError(f"--resume {run_dir}: no such run folder")
     hyperparams = runs.read_hyperparams(run_dir)
-    checkpoint = runs.latest_checkpoint(run_dir)
-    if checkpoint is None:
-        raise UserError(f"{run_dir}: no checkpoint to resume from (checkpoints/latest missing)")
-    # The run's own configuration wins: a resumed run must continue the same run.
+    metrics = runs.read_metrics(run_dir) if (run_dir / runs.METRICS).exists() else {"records": []}  # killed early
+    if not isinstance(hyperparams, dict) or not isinstance(hyperparams.get("config"), dict) or \
+            not isinstance(metrics, dict) or not isinstance(metrics.get("records"), list):
+        raise UserError(f"--resume {run_dir}: hyperparams.json or metrics.json is not in the trainer's format "
+                        "(damaged?); start a new run")
     model_cfg, saved = config_from_dict(hyperparams["config"])
-    state = runs.load_state(checkpoint)
-    state["checkpoint"] = checkpoint
-    return hyperparams["preset"], model_cfg, replace(saved, resume=str(run_dir)), run_dir, state
+    cfg = replace(saved, resume=str(run_dir), **changes, **implied_by(changes))
+    validate(model_cfg, cfg)
+    return Resolved(hyperparams["preset"], model_cfg, cfg, run_dir,
+                    {"hyperparams": hyperparams, "records": metrics["records"]})
+
+
+def find_checkpoint(run_dir: Path, say: bool) -> tuple[Optional[Path], Optional[dict]]:
+    """The checkpoint to resume from and its state, falling back past damaged ones; (None, None)
+    for a run stopped before its first checkpoint: it starts again from step 0."""
+    checkpoint, state, skipped = runs.resumable_checkpoint(run_dir)
+    if say:
+        for problem in skipped:
+            print(f"warning: {problem}; falling back to the one before", file=sys.stderr)
+        if checkpoint is None:
+            print(f"{run_dir} has no checkpoint (stopped before its first save): starting it again from step 0 "
+                  "with its saved configuration; its old records and samples are discarded")
+        elif skipped:
+            print(f"resuming from {checkpoint}")
+    return checkpoint, state
+
+
+def check_continuation(run_dir: Path, s: Setup, step: int, saved: dict, now: dict) -> None:
+    """A resumed run must go on with the data it trained on, and have steps left to take."""
+    changed = runs.fingerprint_changes(saved.get("fingerprint"), now["fingerprint"])
+    if changed:
+        where = f" in {s.cfg.data_dir}" if s.cfg.dataset == "sft" else ""
+        raise UserError(f"--resume {run_dir}: the {' and the '.join(changed)}{where} changed since the run "
+                        "started; restore the data it trained on, or start a new run")
+    if step > s.total_steps:
+        raise UserError(f"--resume {run_dir}: the run is at step {step}, past the {s.total_steps} steps asked "
+                        "for; give a larger --max-steps or --epochs")
+
+
+def prepare_folder(run_dir: Path, s: Setup, hyperparams: dict, saved: Optional[dict], restart: bool):
+    """Rank 0: create the run folder (a new run) or bring it up to date (a resumed one: its
+    configuration may have been extended), and lock it for this process. Returns the lock."""
+    if saved is None:
+        runs.create_run_folder(run_dir, run_start(s, hyperparams))
+        return runs.lock_run(run_dir)
+    if restart:  # nothing of the old attempt survives a restart from step 0
+        runs.discard_progress(run_dir)
+        shutil.rmtree(run_dir / trackers.TENSORBOARD_DIR, ignore_errors=True)
+    else:
+        hyperparams["created"] = saved["hyperparams"].get("created", hyperparams["created"])
+    runs.write_hyperparams(run_dir, hyperparams)
+    return None
 
 
 def draw_figures(run_dir: Path) -> None:
@@ -465,46 +587,112 @@ def draw_figures(run_dir: Path) -> None:
         print(f"warning: could not plot {run_dir}: {err}", file=sys.stderr)
 
 
+def planned_architecture(model_cfg: GPTConfig, cfg: TrainConfig) -> GPTConfig:
+    """The architecture a run will have, without loading weights: --init-from's config.json (a
+    local folder's, a GPT-2 size's known shape, or the hub's config.json alone)."""
+    if not cfg.init_from:
+        return model_cfg
+    source = str(cfg.init_from)
+    name = source.removeprefix("openai-community/")
+    if Path(source).is_dir():
+        folder = Path(source)
+    elif name in MODEL_PRESETS and MODEL_PRESETS[name][1].get("init_from") == name:  # gpt2 ... gpt2-xl
+        folder = None
+        shape = MODEL_PRESETS[name][0]
+    elif is_hub_id(source):
+        try:
+            from huggingface_hub import hf_hub_download
+            folder = Path(hf_hub_download(source, "config.json")).parent
+        except Exception as err:  # offline or unknown: the same to us
+            raise UserError(f"--dry-run: cannot read config.json of {source!r} from the hub "
+                            f"({type(err).__name__}); pass --init-from a local folder") from None
+    else:
+        raise UserError(f"--init-from {source}: no such folder")
+    if folder is not None:
+        shape = config_from_hf(folder)
+    return replace(shape, dropout=model_cfg.dropout, grad_checkpointing=model_cfg.grad_checkpointing)
+
+
+def dry_run(model_cfg: GPTConfig, cfg: TrainConfig) -> int:
+    """--dry-run: each rank's predicted memory for this configuration, and with --max-memory
+    what fits; nothing is loaded or tokenised. Under torchrun the plan is for its WORLD_SIZE."""
+    if cfg.fsdp:
+        sharding.check_launch(dist.is_torchelastic_launched())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = devices.pick_device(cfg.device)
+    facts = devices.Facts.probe()
+    compute_dtype = devices.compute_dtype(cfg.dtype, device, facts)
+    if cfg.fsdp:
+        sharding.check_options(cfg, True, compute_dtype)
+    predicted, advice = predict_memory(planned_architecture(model_cfg, cfg), cfg, world, compute_dtype)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(memplan.format_plan(predicted))
+        if cfg.max_memory is not None:
+            print(f"--max-memory {cfg.max_memory}: " + (advice or "fits, nothing to change"))
+    return 0
+
+
 def main(argv=None) -> int:
-    preset_name, model_cfg, cfg, run_dir, resume_state = resolve_run(argv)
+    preset_name, model_cfg, cfg, run_dir, saved = resolve_run(argv)
+    if cfg.dry_run:
+        return dry_run(model_cfg, cfg)
     device = devices.pick_device(cfg.device)
     ddp = setup_distributed(device)
+    lock = runs.lock_run(run_dir) if saved is not None and ddp.is_main else None  # before reading its state
+    checkpoint, state = find_checkpoint(run_dir, ddp.is_main) if saved is not None else (None, None)
     torch.manual_seed(cfg.seed)
-    s = setup(model_cfg, cfg, ddp, device, devices.Facts.probe(),
-              weights_from=resume_state["checkpoint"] if resume_state else None)
-    if resume_state is None and ddp.is_main:
-        runs.create_run_folder(run_dir, run_start(s, preset_name))
+    s = setup(model_cfg, cfg, ddp, device, devices.Facts.probe(), weights_from=checkpoint)
+    hyperparams = describe_run(s, preset_name)
+    if checkpoint is not None:
+        check_continuation(run_dir, s, state["step"], saved["hyperparams"], hyperparams)
+    if ddp.is_main:
+        lock = prepare_folder(run_dir, s, hyperparams, saved, restart=checkpoint is None) or lock
     barrier(ddp)
     metrics = runs.Metrics(run_dir / runs.METRICS, run_dir.name)
-    if resume_state is not None:
-        metrics.records = runs.read_metrics(run_dir)["records"]
     trainer = Trainer(s, run_dir, metrics, after_eval=draw_figures)
     torch.manual_seed(cfg.seed + ddp.rank)  # dropout differs per rank, and is the same on every run
-    if resume_state is not None:
-        trainer.restore(resume_state)
-        restore_rng(resume_state["rng"])
-    if ddp.is_main:
-        print(optim.format_param_report(runs.read_hyperparams(run_dir)["params"]))
-        print(f"run folder: {run_dir}  ({s.total_steps} steps on {device}, "
-              f"{devices.dtype_name(s.compute_dtype)})")
+    if checkpoint is not None:
+        metrics.records = saved["records"]
+        trainer.restore(state)
+        devices.restore_rng_state(state["rng"], device)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: setattr(trainer, "stop_signal", signum))
-    status, code = "finished", 0
+    status, code, error, tracker = "finished", 0, None, None
     try:
+        if ddp.is_main:
+            metrics.write()  # "running" from now on
+            tracker = trackers.open_tracker(cfg.tracker, run_dir, run_dir.name, config_to_dict(s.raw_model.config, cfg),
+                                            resume_step=trainer.step if checkpoint is not None else None)
+            metrics.on_record = tracker.log if tracker is not None else None
+            print(optim.format_param_report(hyperparams["params"]))
+            print(f"run folder: {run_dir}  ({s.total_steps} steps on {device}, "
+                  f"{devices.dtype_name(s.compute_dtype)})")
         trainer.run()
     except Stop:
         status, code = "interrupted", 128 + trainer.stop_signal
         if ddp.is_main:
             print(f"interrupted at step {trainer.step}; checkpoint saved; continue with --resume {run_dir}")
-    except UserError:
-        status = "failed"
-        raise
+    except Exception as err:  # recorded as failed, whatever it is (a CUDA out-of-memory error too)
+        status, error = "failed", one_line(err)
+        code = 2 if isinstance(err, (UserError, OSError)) else 1
+        if code == 1:
+            traceback.print_exc()  # not the user's input: the details matter
     finally:
         if ddp.is_main:
-            metrics.finish(status)
+            latest = runs.latest_checkpoint(run_dir)
+            metrics.finish(status, {"last_checkpoint": latest.name if latest else None}, error=error)
+            if tracker is not None:
+                tracker.close()
             draw_figures(run_dir)
         if ddp.world > 1:
             dist.destroy_process_group()
+        if lock is not None:
+            lock.close()
+    if ddp.is_main and status == "failed":
+        latest = metrics.summary["last_checkpoint"]
+        print(f"error: {error}", file=sys.stderr)
+        print(f"the run failed at step {trainer.step + 1}; last checkpoint: {latest or 'none yet'}; "
+              f"continue with: python train_sft.py --resume {run_dir}", file=sys.stderr)
     if ddp.is_main and status == "finished":
         print(f"done: best val loss {metrics.summary['best_val_loss']:.4f}, "
               f"{metrics.summary['total_time_s']:.0f} s, results in {run_dir}")

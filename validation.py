@@ -19,9 +19,10 @@ def perplexity(loss: float) -> float:
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, dataset: SFTDataset, batch_size: int, pad_id: int,
                   max_batches: Optional[int] = None,
-                  precision: Callable[[], ContextManager] = contextlib.nullcontext) -> dict:
+                  precision: Callable[[], ContextManager] = contextlib.nullcontext, ce_chunk: int = 0) -> dict:
     """{"val_loss", "val_ppl"} over the dataset's length-sorted batches (the first `max_batches`
-    of them, or all). The sum stays on the device and is read once at the end."""
+    of them, or all), the head run ce_chunk target rows at a time (0: all at once). The sum stays
+    on the device and is read once at the end."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -29,10 +30,12 @@ def evaluate_loss(model: torch.nn.Module, dataset: SFTDataset, batch_size: int, 
     targets = 0
     try:
         for x, y in sorted_batches(dataset, batch_size, pad_id, max_batches):
+            n_targets = count_target_tokens(y)  # on the host, before the copy
             with precision():
-                _, loss = model(x.to(device), y.to(device), reduction="sum", targets_only=True)
+                _, loss = model(x.to(device), y.to(device), reduction="sum", targets_only=True,
+                                n_targets=n_targets, ce_chunk=ce_chunk)
             total += loss.double()
-            targets += count_target_tokens(y)
+            targets += n_targets
     finally:
         model.train(was_training)
     loss = total.item() / targets

@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import devices  # noqa: E402
 from configs import preset  # noqa: E402
 from data import IGNORE_INDEX, SFTDataset, parse_records  # noqa: E402
 from errors import run_cli  # noqa: E402
@@ -69,14 +70,14 @@ class Ours:
         model_cfg, train = preset(f"{args.model}/lora")
         train = replace(train, init_from=str(model_dir), tokenizer=args.tokenizer, batch_size=args.batch_size,
                         lr=args.lr, device=args.device, dtype=args.dtype, seed=args.seed, grad_accum=1)
-        self.trainer = standalone_trainer(model_cfg, train, args.device, run_dir, Datasets(dataset, dataset, []))
+        self.trainer = standalone_trainer(model_cfg, train, str(args.device), run_dir, Datasets(dataset, dataset, []))
         self.batches = self.trainer.micro_batches()
         self.steps = self.trainer.s.steps_per_epoch
 
     def step(self) -> tuple[float, int, int]:
         """(loss, target tokens, computed positions) of one optimizer step."""
         batch = next(self.batches)
-        loss, _, targets, _ = self.trainer.train_step([batch])
+        loss, _, targets, *_ = self.trainer.train_step([batch])
         return loss, targets, batch.x.numel()
 
 
@@ -118,7 +119,7 @@ class Reference:
 
     def step(self) -> tuple[float, int, int]:
         input_ids, mask, labels = (t.to(self.device) for t in self.collate(next(self.batches)))
-        autocast = torch.autocast(self.device.split(":")[0], dtype=getattr(torch, self.dtype),
+        autocast = torch.autocast(self.device.type, dtype=getattr(torch, self.dtype),
                                   enabled=self.dtype != "float32")
         with autocast:
             loss = self.model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
@@ -155,6 +156,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.device = devices.pick_device(args.device)  # one decision, for both contenders
     tokenizer = load_tokenizer(args.tokenizer)
     dataset = load_examples(args, tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,8 +171,7 @@ def main() -> None:
             for name in (list(contenders) if i % 2 == 0 else list(contenders)[::-1]):
                 start = time.perf_counter()
                 loss, targets, positions = contenders[name].step()
-                if args.device.startswith("cuda"):
-                    torch.cuda.synchronize()
+                devices.synchronize(args.device)
                 t = totals[name]
                 t["time_s"] += time.perf_counter() - start
                 t["targets"] += targets
@@ -188,7 +189,7 @@ def main() -> None:
                       round(1 - (real_tokens + len(dataset)) / t["positions"], 4),
                       "mean_train_loss": round(t["loss_sum"] / n_steps, 4)} for name, t in totals.items()}
     print(json.dumps({
-        "model": args.model, "device": args.device, "dtype": args.dtype, "torch": torch.__version__,
+        "model": args.model, "device": str(args.device), "dtype": args.dtype, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "data": args.data, "records": len(dataset), "steps": n_steps,
         "batch_size": args.batch_size, "lora_rank": preset(f"{args.model}/lora")[1].rank,
         "results": results,

@@ -28,18 +28,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs import GPTConfig  # noqa: E402
-from model import GPT  # noqa: E402
+from model import GPT, config_to_hf  # noqa: E402
 from generation import prepare_for_generation  # noqa: E402
 
 
-def build_models(seed: int):
+def build_models(seed: int, shape: GPTConfig = GPTConfig()):
+    """Random weights of `shape` (default GPT-2 124M: 12 layers, 768 wide, 50257 tokens, 1024
+    context) in transformers' GPT2LMHeadModel, and the same weights in ours."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    hf = GPT2LMHeadModel(GPT2Config()).eval()  # 12 layers, 768 wide, 50257 tokens, 1024 context
+    hf = GPT2LMHeadModel(GPT2Config(**config_to_hf(shape))).eval()
     hf.generation_config.eos_token_id = None  # never stop early: both sides make exactly N tokens
     hf.generation_config.pad_token_id = hf.config.vocab_size - 1
-    ours = GPT(GPTConfig()).eval()
+    ours = GPT(shape).eval()
     ours.load_hf_state_dict(hf.state_dict(), origin="transformers")
     return ours, hf
 

@@ -3,14 +3,16 @@
 Same shapes, same random weights (ours loads the HF model's), rank 16 on all four linears of every
 block (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj), AdamW over the LoRA parameters, float32 on
 CPU. The loss is the same cross-entropy over the full [B, T, vocab] logits on both sides
-(`model(x, y, targets_only=False)`); `targets_only=True` (vocabulary head only where a target
-exists; `--prompt-frac` of each row is masked like an SFT prompt) is reported beside it.
+(`model(x, y, targets_only=False)`); `targets_only=True` (vocabulary head and loss only where a
+target exists, `--ce-chunk` rows at a time, as train_sft runs them; `--prompt-frac` of each row is
+masked like an SFT prompt) is reported beside it.
 
 Speed: one process holds all models and runs their steps interleaved (order rotating every step),
 so load from other processes and clock changes hit every contender alike; tokens/s = B*T / median
 step time after warm-up ("ratio" = ours / peft on those). The "*_best" ratios use each contender's
 fastest step instead, the least disturbed one, the steadier figure on a shared machine. A fourth
-contender, peft's LoRA layers on our GPT, isolates the LoRA layer itself ("ratio_lora_layer").
+contender, peft's LoRA layers on our GPT, isolates the LoRA layer itself ("ratio_lora_layer"); a
+fifth, ours_dora, is lora.py's DoRA on the same targets ("ratio_dora": its tokens/s over plain LoRA's).
 
 Memory: each contender runs alone in a fresh subprocess that imports the same modules, builds
 only its own model and trains `--memory-steps` steps; we report the kernel's high-water mark of
@@ -43,16 +45,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from configs import preset  # noqa: E402
+from configs import TrainConfig, preset  # noqa: E402
 from lora import apply_lora  # noqa: E402
 from model import GPT, HUB_MODELS, config_to_hf  # noqa: E402
 
 TARGETS_PEFT = ["c_attn", "c_proj", "c_fc"]  # "c_proj" catches attn.c_proj and mlp.c_proj: all four
 # ours: GPT + lora.py; peft: GPT2LMHeadModel + peft (what the replaced system ran); peft_on_our_gpt:
-# peft's LoRA layers on our GPT, which isolates lora.py's layer from the rest of the model.
-CONTENDERS = ("ours", "ours_targets_only", "peft", "peft_on_our_gpt")
+# peft's LoRA layers on our GPT, which isolates lora.py's layer from the rest of the model;
+# ours_dora: GPT + lora.py's DoRA (--dora), same rank and targets, its cost over LoRA in "ratio_dora".
+CONTENDERS = ("ours", "ours_targets_only", "peft", "peft_on_our_gpt", "ours_dora")
 RATIOS = {"ratio": ("ours", "peft"), "ratio_targets_only": ("ours_targets_only", "peft"),
-          "ratio_lora_layer": ("ours", "peft_on_our_gpt")}
+          "ratio_lora_layer": ("ours", "peft_on_our_gpt"), "ratio_dora": ("ours_dora", "ours")}
 VOCAB_SIZE = 50257  # GPT-2's, the same for every size
 
 
@@ -72,7 +75,7 @@ def with_peft_lora(model, rank: int, fan_in_fan_out: bool):
                                                 fan_in_fan_out=fan_in_fan_out, lora_dropout=0.0))
 
 
-def build(contender: str, name: str, rank: int, hf_model=None):
+def build(contender: str, name: str, rank: int, hf_model=None, ce_chunk: int = 0):
     """(model, step function, trainable count) of one contender; every model starts from
     hf_model's weights when given (get_peft_model wraps hf_model in place: build "peft" last)."""
     if contender == "peft":
@@ -90,11 +93,12 @@ def build(contender: str, name: str, rank: int, hf_model=None):
         if contender == "peft_on_our_gpt":
             model = with_peft_lora(model, rank, False)  # our linears are nn.Linear
         else:
-            apply_lora(model, rank=rank, alpha=2 * rank)
-        targets_only = contender == "ours_targets_only"
+            apply_lora(model, rank=rank, alpha=2 * rank, dora=contender == "ours_dora")
+        head = dict(targets_only=True, ce_chunk=ce_chunk) if contender == "ours_targets_only" else {}
 
-        def loss_fn(x, y):
-            return model(x, y, targets_only=targets_only)[1]
+        def loss_fn(x, y):  # the target count is the host's, as train_sft has it
+            n = dict(n_targets=int((y != -100).sum())) if head else {}
+            return model(x, y, **head, **n)[1]
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -123,7 +127,7 @@ def time_model(args, name: str) -> dict:
     hf = GPT2LMHeadModel(hf_config(name))
     steps, trainable = {}, {}
     for contender in sorted(CONTENDERS, key=lambda c: c == "peft"):  # "peft" last: it changes hf in place
-        _, steps[contender], trainable[contender] = build(contender, name, args.rank, hf)
+        _, steps[contender], trainable[contender] = build(contender, name, args.rank, hf, args.ce_chunk)
     x, y = batch(args)
     first = {c: steps[c](x, y) for c in CONTENDERS}  # warm-up 1, and equal losses prove equal models
     times = {c: [] for c in CONTENDERS}
@@ -156,7 +160,7 @@ def memory_child(args) -> None:
 
     x, y = batch(args)
     before = psutil.Process().memory_info().rss
-    _, step, _ = build(args.child, args.model, args.rank)
+    _, step, _ = build(args.child, args.model, args.rank, ce_chunk=args.ce_chunk)
     for _ in range(args.memory_steps):
         step(x, y)
     status = Path("/proc/self/status").read_text()
@@ -170,7 +174,8 @@ def measure_memory(args, name: str) -> dict:
     for contender in CONTENDERS:
         cmd = [sys.executable, __file__, "--child", contender, "--model", name, "--batch", str(args.batch),
                "--seq", str(args.seq), "--rank", str(args.rank), "--prompt-frac", str(args.prompt_frac),
-               "--memory-steps", str(args.memory_steps), "--threads", str(args.threads)]
+               "--memory-steps", str(args.memory_steps), "--threads", str(args.threads),
+               "--ce-chunk", str(args.ce_chunk)]
         result = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[contender] = json.loads(result.stdout.strip().splitlines()[-1])
     return out
@@ -186,6 +191,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per contender (at least 1)")
     parser.add_argument("--prompt-frac", type=float, default=0.5, help="fraction of each row masked as prompt")
     parser.add_argument("--memory-steps", type=int, default=2)
+    parser.add_argument("--ce-chunk", type=int, default=TrainConfig.ce_chunk,
+                        help="target rows per chunk of the head in ours_targets_only (0 = all at once)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-contender memory subprocesses")
     parser.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
@@ -197,7 +204,7 @@ def main() -> None:
         return memory_child(args)
     report = {"device": "cpu", "dtype": "float32", "torch": torch.__version__, "threads": torch.get_num_threads(),
               "batch": args.batch, "seq": args.seq, "rank": args.rank, "targets": "all four linears, every block",
-              "optimizer": "adamw", "steps": args.steps, "warmup": args.warmup, "prompt_frac": args.prompt_frac,
+              "optimizer": "adamw", "ce_chunk": args.ce_chunk, "steps": args.steps, "warmup": args.warmup, "prompt_frac": args.prompt_frac,
               "results": {}}
     for name in args.models:
         result = time_model(args, name)

@@ -93,41 +93,48 @@ def random_dataset(batch: int, seq: int, prompt_frac: float, vocab_size: int, se
     return SFTDataset(ids, offsets, n_masked, np.arange(batch), stats={})
 
 
-def run_child(args) -> dict:
-    """One configuration in this (fresh) process: warm-up, timed steps, peak memory."""
-    import optim
-    from devices import process_memory_mb
+def bench_trainer(args, method: str, optimizer: str, compiled: bool, run_dir: Path, shape: GPTConfig | None = None):
+    """train_sft's Trainer for one configuration, on random weights of args.model's shape (or
+    `shape`) and args.batch rows of args.seq random tokens (bench/gpu_check.py builds its steps here too)."""
     from train_sft import Datasets, standalone_trainer
 
-    method, optimizer, compiled = args.child.split(",")
     model_cfg, train = preset(args.model)
+    model_cfg = shape or model_cfg
     train = replace(train, init_from=None, lora=method == "lora", rank=args.rank, alpha=2.0 * args.rank,
-                    optimizer=optimizer, lr=1e-4, batch_size=args.batch, dtype=args.dtype,
-                    compile=compiled == "on", device=args.device, tokenizer=args.tokenizer,
+                    optimizer=optimizer, lr=1e-4, batch_size=args.batch, dtype=args.dtype, grad_accum=1,
+                    compile=compiled, device=args.device, tokenizer=args.tokenizer,
                     max_steps=args.warmup + args.steps)
     model_cfg = replace(model_cfg, block_size=max(model_cfg.block_size, args.seq))
     dataset = random_dataset(args.batch, args.seq, args.prompt_frac, model_cfg.vocab_size)
-    cuda = args.device.startswith("cuda")
+    return standalone_trainer(model_cfg, train, args.device, run_dir, Datasets(dataset, dataset, []))
+
+
+def run_child(args) -> dict:
+    """One configuration in this (fresh) process: warm-up, timed steps, peak memory."""
+    import devices
+    import optim
+    from devices import process_memory_mb
+
+    method, optimizer, compiled = args.child.split(",")
     baseline = process_memory_mb()["rss_mb"]
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = standalone_trainer(model_cfg, train, args.device, Path(run_dir), Datasets(dataset, dataset, []))
+        trainer = bench_trainer(args, method, optimizer, compiled == "on", Path(run_dir))
         after_build = process_memory_mb()["rss_mb"]
+        device = trainer.s.device
         batches = trainer.micro_batches()
         times, loss = [], None
         for i in range(args.warmup + args.steps):
             start = time.perf_counter()
-            loss, _, targets, _ = trainer.train_step([next(batches)])
-            if cuda:
-                torch.cuda.synchronize()
+            loss, _, targets, *_ = trainer.train_step([next(batches)])
+            devices.synchronize(device)  # CUDA: wait for the step's kernels
             if i >= args.warmup:
                 times.append(time.perf_counter() - start)
         report = optim.param_report(trainer.s.raw_model, optimizer)
     result = {"step_s": [round(t, 4) for t in times], "last_loss": round(loss, 4), "targets_per_step": targets,
               "trainable_params": report["trainable"], "state_mb": report["memory_mb"]}
-    if cuda:
-        result["peak_alloc_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        result["peak_reserved_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
-        result["device_name"] = torch.cuda.get_device_name()
+    result["device_name"] = devices.device_name(device)
+    if devices.needs_synchronize(device):  # a GPU: its allocator's peaks over the child's life
+        result.update({k: round(v, 1) for k, v in devices.memory_now(device).items()})
     else:
         peak = process_memory_mb()["peak_rss_mb"]
         result["peak_rss_mb"] = round(peak, 1)
@@ -226,9 +233,9 @@ def main(argv=None) -> None:
             runs[config].append(spawn(args, config))
             print(f"{config}: {runs[config][-1]['step_s']} s/step", file=sys.stderr, flush=True)
     results = [summarise(args, c, runs[c]) for c in configs]
-    cuda = args.device.startswith("cuda")
+    cuda = "peak_alloc_mb" in results[0]  # measured on a GPU (--device auto may have picked one)
     report = {"model": args.model, "device": args.device,
-              "device_name": runs[configs[0]][0].get("device_name", "cpu"), "dtype": args.dtype,
+              "device_name": runs[configs[0]][0]["device_name"], "dtype": args.dtype,
               "torch": torch.__version__, "threads": args.threads or torch.get_num_threads(),
               "batch": args.batch, "seq": args.seq, "prompt_frac": args.prompt_frac, "steps": args.steps,
               "warmup": args.warmup, "rounds": args.rounds, "results": results}

@@ -104,3 +104,26 @@ def test_bench_alpaca_tiny_run(tmp_path, tiny_tokenizer_dir):
         assert 9.5 < r["mean_train_loss"] < 12.0  # the same random GPT-2 on both sides: ~ln(50257)
     assert math.isclose(report["ratio_useful_tokens_per_s"],
                         ours["useful_tokens_per_s"] / ref["useful_tokens_per_s"], rel_tol=1e-2)
+
+
+def test_gpu_check_quick_on_cpu(tiny_tokenizer_dir):
+    """bench/gpu_check.py --quick on CPU: every part runs on tiny shapes and reports what it measured,
+    so that the script is known to work before a GPU ever runs it (~30 s of CPU time)."""
+    pytest.importorskip("transformers")
+    report = run_json(["bench/gpu_check.py", "--quick", "--device", "cpu", "--tokenizer", str(tiny_tokenizer_dir)])
+    assert report["device"] == "cpu" and report["quick"] is True
+    parts = report["parts"]
+    assert set(parts) == {"train_e2e", "steps", "resume", "generation", "export"}
+    assert all(p["ok"] for p in parts.values()), {k: p.get("error") for k, p in parts.items()}
+    e2e = parts["train_e2e"]
+    assert e2e["status"] == "finished" and e2e["steps"] == 4 and e2e["dtype"] == "float32" and e2e["tokens_per_s"] > 0
+    steps = {(r["method"], r["compile"]): r for r in parts["steps"]["results"]}
+    assert set(steps) == {("lora-r16", False), ("full", False)}
+    for r in steps.values():
+        assert r["ok"] and r["tokens_per_s"] > 0 and r["mfu"] is None and r["peak_rss_mb"] > 0
+        assert r["sync_check"]["pass"] is None  # sync-debug mode is CUDA's; tests/test_sync.py covers CPU
+    resume = parts["resume"]  # float32 on CPU: the resumed run's losses are the uninterrupted run's, exactly
+    assert resume["pass"] and resume["bit_identical"] and resume["max_rel_diff"] == 0.0
+    gen = parts["generation"]
+    assert gen["ours_tokens_per_s"] > 0 and gen["hf_tokens_per_s"] > 0 and gen["same_token_fraction"] == 1.0
+    assert parts["export"]["pass"] and parts["export"]["hf_device"] == "cpu"

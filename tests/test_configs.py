@@ -45,7 +45,10 @@ def test_lora_and_dropout_variants():
     assert dropout_model.dropout == 0.1 and not dropout_train.lora
     # a variant changes only what it names
     plain_model, plain_train = preset("gpt2-medium")
-    assert asdict(plain_train) == {**asdict(lora), "lora": False}
+    assert asdict(plain_train) == {**asdict(lora), "lora": False, "lr": 5e-5}
+    # the recipes' rates (configs.py cites them); the tiny demo keeps its own under LoRA too
+    assert (plain_train.lr, plain_train.weight_decay, lora.lr, lora.weight_decay) == (5e-5, 0.1, 2e-4, 0.1)
+    assert preset("tiny/lora")[1].lr == preset("tiny")[1].lr == 2e-3
     assert preset("gpt2")[1] == dropout_train
 
 

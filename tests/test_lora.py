@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from conftest import TINY_VOCAB_SIZE
 from errors import UserError
-from lora import (LORA_TARGETS, LoRALinear, LoRASettings, adapter_state_dict, apply_lora, load_adapter,
-                  load_adapter_state_dict, lora_modules, lora_settings, merge_lora, save_adapter,
+from lora import (LORA_TARGETS, DoRALinear, LoRALinear, LoRASettings, adapter_state_dict, apply_lora,
+                  load_adapter, load_adapter_state_dict, lora_modules, lora_settings, merge_lora, save_adapter,
                   settings_from_peft_config, unmerge_lora)
 from model import GPT
 from optim import format_param_report, param_report
@@ -30,12 +30,14 @@ def tokens(seed=0, batch=2, length=16):
 
 
 def randomize_lora(model, seed=0):
-    """Non-zero B (and a fresh A) so that the adapter really changes the model."""
+    """Non-zero B (and a fresh A; DoRA's magnitudes off ||W||) so that the adapter really changes the model."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in lora_modules(model).values():
             m.lora_A.weight.copy_(torch.randn(m.lora_A.weight.shape, generator=g) * 0.2)
             m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.2)
+            if isinstance(m, DoRALinear):
+                m.lora_magnitude_vector.mul_(1 + 0.2 * torch.randn(m.lora_magnitude_vector.shape, generator=g))
 
 
 def lora_model(checkpoint, seed=0, **settings):
@@ -335,7 +337,8 @@ def test_load_adapter_refuses_bad_files_without_changing_the_model(hf_checkpoint
         "wrong shape": ({**weights, "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": torch.zeros(3, 32)},
                         config),
         "unexpected": ({**weights, "base_model.model.lm_head.lora_A.weight": torch.zeros(4, 32)}, config),
-        "unsupported PEFT LoRA options use_dora": (weights, {**config, "use_dora": True}),
+        "unsupported PEFT LoRA options lora_bias": (weights, {**config, "lora_bias": True}),
+        "missing: .*c_attn.lora_magnitude_vector": (weights, {**config, "use_dora": True}),  # DoRA without m
         "not a LoRA adapter": (weights, {**config, "peft_type": "IA3"}),
     }
     for i, (message, (w, c)) in enumerate(cases.items()):
@@ -380,6 +383,8 @@ INTEROP_CASES = {
     "all": dict(),
     "layers": dict(layers=[1], targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc")),
     "rslora": dict(rslora=True, targets=("mlp.c_proj", "attn.c_proj")),
+    "dora": dict(dora=True),
+    "dora-layers": dict(dora=True, rslora=True, layers=[1], targets=("attn.c_attn", "mlp.c_fc")),
 }
 
 
@@ -409,6 +414,8 @@ PEFT_CASES = {
     "all": dict(target_modules=["c_attn", "c_proj", "c_fc"]),
     "layers": dict(target_modules=["c_attn", "c_fc"], layers_to_transform=[0]),
     "rslora": dict(target_modules=["c_proj"], use_rslora=True, lora_dropout=0.1),
+    "dora": dict(target_modules=["c_attn", "c_proj", "c_fc"], use_dora=True),
+    "dora-layers": dict(target_modules=["c_proj"], layers_to_transform=[0], use_dora=True, use_rslora=True),
 }
 
 
@@ -425,10 +432,13 @@ def test_adapter_saved_by_peft_loads_here(hf_checkpoint, tmp_path, case):
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.2)
+            elif "lora_magnitude_vector" in name:  # DoRA: magnitudes off ||W||, so that loading them matters
+                p.mul_(torch.linspace(0.7, 1.3, p.numel()))
     peft_model.save_pretrained(tmp_path / "adapter")
     model = GPT.from_pretrained(hf_checkpoint)
     settings = load_adapter(model, tmp_path / "adapter")
     assert isinstance(settings, LoRASettings) and settings.rslora == PEFT_CASES[case].get("use_rslora", False)
+    assert settings.dora == PEFT_CASES[case].get("use_dora", False)
     assert settings.layers == (tuple(PEFT_CASES[case]["layers_to_transform"])
                                if "layers_to_transform" in PEFT_CASES[case] else None)
     idx = tokens()

@@ -38,7 +38,8 @@ def test_split_is_seeded_and_duplicates_are_dropped(tmp_path, tiny_tokenizer_dir
     train, test = _read(tmp_path, "train"), _read(tmp_path, "test")
     assert len(train) == 15 and len(test) == 5
     assert sorted(train + test, key=lambda r: r["instruction"]) == sorted(GOOD, key=lambda r: r["instruction"])
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["sft_test.json", "sft_train.json"]  # no temp files
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["sft_manifest.json", "sft_test.json",
+                                                                   "sft_train.json"]  # no temp files
 
     again = prepare(tmp_path, tiny_tokenizer_dir, "--input", str(path), "--test-size", "5", "--seed", "3")
     assert again.returncode == 0 and _read(tmp_path, "test") == test and _read(tmp_path, "train") == train

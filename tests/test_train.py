@@ -110,7 +110,7 @@ def test_loss_is_per_target_token_across_micro_batches(run_args, tmp_path):
             examples = [s.data.train[i] for i in indices]
             x, y = collate(examples, s.tokenizer.eot_id)
             batches.append(train_sft.MicroBatch(x, y, count_target_tokens(y), 0))
-        loss, _, _, _ = trainer.train_step(batches)
+        loss = trainer.train_step(batches).loss
         grads.append((loss, [p.detach().clone() for p in s.raw_model.parameters()]))
     (loss_split, w_split), (loss_whole, w_whole) = grads
     assert loss_split == pytest.approx(loss_whole, rel=1e-6)
@@ -170,10 +170,9 @@ def _stop_after(monkeypatch, n_steps):
     original = train_sft.Trainer.train_step
 
     def train_step(self, batches):
-        result = original(self, batches)
-        if self.step + 1 == n_steps:
+        if self.step + 1 == n_steps:  # arrives during step n_steps, which then finishes
             self.stop_signal = signal.SIGTERM
-        return result
+        return original(self, batches)
     monkeypatch.setattr(train_sft.Trainer, "train_step", train_step)
 
 
