@@ -217,6 +217,7 @@ class MicroBatch(NamedTuple):
     y: torch.Tensor  # [B, T] targets (IGNORE_INDEX where none), on the device
     n_targets: int  # counted on the host before the copy: no device read needed
     n_tokens: int  # real (non-padding) tokens
+    lengths: Optional[torch.Tensor] = None  # [B] real tokens per row, on the device (NEFTune's L)
 
 
 class StepResult(NamedTuple):
@@ -258,11 +259,12 @@ class Trainer:
                 self.batches_done += 1
                 examples = [self.s.data.train[i] for i in indices]
                 x, y = collate(examples, self.s.tokenizer.eot_id)
-                n_targets, n_tokens = count_target_tokens(y), sum(len(e[0]) for e in examples)
+                lengths = torch.tensor([len(e[0]) for e in examples])
+                n_targets, n_tokens = count_target_tokens(y), int(lengths.sum())
                 if pin:
-                    x, y = x.pin_memory(), y.pin_memory()
-                yield MicroBatch(x.to(self.s.device, non_blocking=pin), y.to(self.s.device, non_blocking=pin),
-                                 n_targets, n_tokens)
+                    x, y, lengths = x.pin_memory(), y.pin_memory(), lengths.pin_memory()
+                x, y, lengths = (t.to(self.s.device, non_blocking=pin) for t in (x, y, lengths))
+                yield MicroBatch(x, y, n_targets, n_tokens, lengths)
             self.epoch, self.batches_done = self.epoch + 1, 0
 
     # ------------------------------------------------------------------ one step
@@ -292,7 +294,7 @@ class Trainer:
             # FSDP reduce-scatters every micro-batch: its gradients stay sharded (it has no no_sync)
             sync = contextlib.nullcontext() if last or world == 1 or self.cfg.fsdp else s.model.no_sync()
             with sync, s.precision():
-                _, loss = s.model(b.x, b.y, reduction="sum", **self.head_options(b))
+                _, loss = s.model(b.x, b.y, reduction="sum", lengths=b.lengths, **self.head_options(b))
                 s.scaler.scale(loss * (world / capacity)).backward()
             totals[0] += loss.detach().double()
             totals[1] += b.n_targets  # host numbers added on the device: no copy, no read

@@ -91,3 +91,19 @@ def test_resume_is_bit_identical_with_neftune(run_args, monkeypatch):  # noqa: F
     plain, _ = run(run_args + ["--save-interval", "5"], "plain")
     straight = Path(run_args[run_args.index("--out-dir") + 1]) / "straight"
     assert train_losses(plain)[2:] != train_losses(straight)[2:]  # the noise did change training
+
+
+def test_training_step_passes_each_rows_real_length(run_args, monkeypatch):  # noqa: F811
+    """The loop hands the model every row's real (unpadded) length, NEFTune's L."""
+    import train_sft
+    seen = []
+    original = train_sft.Trainer.train_step
+
+    def train_step(self, batches):
+        for b in batches:
+            real = (b.y != -100).sum(1)  # targets end at the last real token (its EOS)
+            seen.append(bool((b.lengths >= real).all()) and int(b.lengths.sum()) == b.n_tokens)
+        return original(self, batches)
+    monkeypatch.setattr(train_sft.Trainer, "train_step", train_step)
+    run(run_args + ["--neftune-alpha", "5", "--max-steps", "2"], "lengths")
+    assert seen and all(seen)
