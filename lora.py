@@ -124,7 +124,8 @@ class DoRALinear(LoRALinear):
     of W here, a column of HF's Conv1D weight, which PEFT transposes with fan_in_fan_out) and m a
     trainable vector that starts at ||W||, so a fresh adapter changes nothing. The norm is a
     constant in backward (the paper's section 4.3; PEFT detaches it): no [out, in] gradient.
-    The norm costs one [out, in] temporary per forward, which plain LoRA never builds."""
+    Its costs over LoRA: one [out, in] temporary per forward for the norm, and two [tokens, out]
+    tensors kept for the magnitude's gradient (bench/RESULTS.md)."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         super().__init__(base, rank, alpha, dropout, rslora)

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -34,7 +33,6 @@ import lora  # noqa: E402
 import optim  # noqa: E402
 import train_sft  # noqa: E402
 from configs import preset  # noqa: E402
-from data import IGNORE_INDEX  # noqa: E402
 from files import write_json_atomic  # noqa: E402
 from model import GPT  # noqa: E402
 
@@ -50,30 +48,15 @@ VARIANTS = {
 }
 
 
-# ---------------------------------------------------------------------------- until train_sft wires them
-# train_sft.build_model does not yet pass neftune_alpha (pretrained weights) and dora, and
-# Trainer.train_step does not yet pass each row's length. These two shims do what the proposed
-# change does; delete them once train_sft does it itself.
+# ---------------------------------------------------------------------------- until train_sft wires it
+# train_sft.build_model does not yet pass neftune_alpha (with pretrained weights) and dora: this
+# shim is build_model with both; delete it once train_sft does it itself.
 
 def _build_model(model_cfg, cfg):
     model = GPT.from_pretrained(cfg.init_from, dropout=model_cfg.dropout, neftune_alpha=model_cfg.neftune_alpha)
     settings = lora.apply_lora(model, cfg.rank, cfg.alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets,
                                layers=cfg.lora_layers, rslora=cfg.rslora, dora=cfg.dora)
     return model, settings
-
-
-class _WithLengths(nn.Module):
-    """Gives the model each row's real length: in SFT rows the last real position is the last target
-    (the response's closing <|endoftext|>), and collate pads after it."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x, y, **kwargs):
-        positions = torch.arange(y.size(1), device=y.device)
-        lengths = torch.where(y != IGNORE_INDEX, positions, -1).amax(dim=1) + 1
-        return self.model(x, y, lengths=lengths, **kwargs)
 
 
 # ---------------------------------------------------------------------------- runs
@@ -132,7 +115,6 @@ def main() -> None:
                                       batch_size=args.lora_batch, warmup=args.lora_warmup, seed=seed, **train_over)
             trainer = train_sft.standalone_trainer(dataclasses.replace(model_cfg, **model_over), cfg, "cpu",
                                                    scratch, data)
-            trainer.s.model = _WithLengths(trainer.s.model)
             result = {"seed": seed, **train(trainer),
                       "trainable": optim.param_report(trainer.s.raw_model, cfg.optimizer)["trainable"]}
             runs[variant].append(result)

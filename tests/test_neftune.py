@@ -79,6 +79,24 @@ def test_forward_passes_lengths_to_the_noise():
     assert seen and torch.equal(seen[0], lengths)
 
 
+def test_training_step_gives_the_model_each_rows_length(run_args, monkeypatch):  # noqa: F811
+    seen = []
+    original = GPT.embed
+
+    def embed(self, idx, lengths=None):
+        if self.training:
+            seen.append((idx.clone(), lengths))
+        return original(self, idx, lengths)
+    monkeypatch.setattr(GPT, "embed", embed)
+    _, code = run(run_args + ["--neftune-alpha", "5", "--max-steps", "3", "--no-group-by-length"], "lengths")
+    assert code == 0 and seen
+    for idx, lengths in seen:
+        assert lengths is not None and int(lengths.max()) == idx.size(1)  # collate pads to the longest row
+        for row, n in enumerate(lengths.tolist()):
+            assert (idx[row, n:] == idx[row, -1]).all()  # only padding (the eot id) after each length
+    assert any((lengths < idx.size(1)).any() for idx, lengths in seen)  # some rows were padded
+
+
 @pytest.mark.parametrize("alpha", [-1.0, float("nan")])
 def test_bad_alpha_is_refused(alpha):
     with pytest.raises(UserError, match="--neftune-alpha"):
