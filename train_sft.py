@@ -81,7 +81,7 @@ def build_model(model_cfg: GPTConfig, cfg: TrainConfig) -> tuple[GPT, Optional[l
     """Pretrained weights (whose config.json fixes the architecture) or a fresh init; then LoRA
     (everything else frozen) or the freezing rules of full fine-tuning."""
     if cfg.init_from:
-        model = GPT.from_pretrained(cfg.init_from, dropout=model_cfg.dropout,
+        model = GPT.from_pretrained(cfg.init_from, dropout=model_cfg.dropout, neftune_alpha=model_cfg.neftune_alpha,
                                     grad_checkpointing=model_cfg.grad_checkpointing)
     else:
         torch.manual_seed(cfg.seed)
@@ -89,7 +89,7 @@ def build_model(model_cfg: GPTConfig, cfg: TrainConfig) -> tuple[GPT, Optional[l
     settings = None
     if cfg.lora:
         settings = lora.apply_lora(model, cfg.rank, cfg.alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets,
-                                   layers=cfg.lora_layers, rslora=cfg.rslora)
+                                   layers=cfg.lora_layers, rslora=cfg.rslora, dora=cfg.dora)
     elif cfg.freeze_layers:
         optim.freeze_first_blocks(model, cfg.freeze_layers)
     return model, settings

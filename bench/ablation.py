@@ -29,12 +29,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import lora  # noqa: E402
 import optim  # noqa: E402
 import train_sft  # noqa: E402
 from configs import preset  # noqa: E402
 from files import write_json_atomic  # noqa: E402
-from model import GPT  # noqa: E402
 
 # variant -> (GPTConfig overrides, TrainConfig overrides), on top of plain LoRA. The values are the
 # papers' and PEFT's usual ones: NEFTune alpha 5 (its paper's default for 7B models), LoRA+ ratio 16
@@ -46,17 +44,6 @@ VARIANTS = {
     "dora": ({}, {"dora": True}),
     "rslora": ({}, {"rslora": True}),
 }
-
-
-# ---------------------------------------------------------------------------- until train_sft wires it
-# train_sft.build_model does not yet pass neftune_alpha (with pretrained weights) and dora: this
-# shim is build_model with both; delete it once train_sft does it itself.
-
-def _build_model(model_cfg, cfg):
-    model = GPT.from_pretrained(cfg.init_from, dropout=model_cfg.dropout, neftune_alpha=model_cfg.neftune_alpha)
-    settings = lora.apply_lora(model, cfg.rank, cfg.alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets,
-                               layers=cfg.lora_layers, rslora=cfg.rslora, dora=cfg.dora)
-    return model, settings
 
 
 # ---------------------------------------------------------------------------- runs
@@ -106,7 +93,6 @@ def main() -> None:
         print(json.dumps({"base": base}), file=sys.stderr, flush=True)
         base_trainer.s.raw_model.save_pretrained(scratch / "base")
         data = base_trainer.s.data
-        train_sft.build_model = _build_model  # the shim above, for the LoRA runs
         runs: dict[str, list[dict]] = {v: [] for v in args.variants}
         for variant, seed in tqdm([(v, s) for s in args.seeds for v in args.variants], desc="ablation"):
             model_over, train_over = VARIANTS[variant]

@@ -307,3 +307,15 @@ def test_ddp_two_processes_match_single_process(run_args, tmp_path):
     assert [l for _, l in b] == pytest.approx([l for _, l in a], rel=1e-5)
     hyper = json.loads((runs / "ddp" / "hyperparams.json").read_text())
     assert hyper["world_size"] == 2 and hyper["global_batch"] == 8
+
+
+def test_dora_and_neftune_reach_a_pretrained_model(run_args, hf_checkpoint):
+    args = list(run_args)
+    i = args.index("--vocab-size")
+    del args[i:i + 10]  # the architecture comes from the checkpoint
+    run_dir, code = run(args + ["--init-from", str(hf_checkpoint), "--lora", "--rank", "2", "--dora",
+                                "--neftune-alpha", "5", "--max-steps", "2"], "dora")
+    assert code == 0
+    step = next((run_dir / "checkpoints").glob("step_*"))
+    assert any(k.endswith("lora_magnitude_vector") for k in lora.read_adapter_weights(step / "adapter"))
+    assert json.loads((run_dir / "hyperparams.json").read_text())["config"]["model"]["neftune_alpha"] == 5
