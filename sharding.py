@@ -42,11 +42,6 @@ def check_launch(launched: bool) -> None:
 def check_options(cfg, launched: bool, compute_dtype: Optional[torch.dtype]) -> None:
     """Refuse what --fsdp cannot run, before anything is built."""
     check_launch(launched)
-    if cfg.compile:
-        raise UserError("--fsdp does not support --compile yet; drop --compile")
-    if cfg.lora and not cfg.init_from:  # the run folder would need the whole random base, gathered
-        raise UserError("--fsdp with --lora needs --init-from (pretrained weights); LoRA on a random init "
-                        "runs without --fsdp")
     if compute_dtype == torch.float16:  # would need a gradient scaler that knows the shards
         raise UserError("--fsdp trains in float32 or bfloat16, not float16; pass --dtype bfloat16 "
                         "(or --dtype float32 on GPUs without bfloat16)")
@@ -70,12 +65,13 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def gather_model(model: GPT) -> Optional[GPT]:
+def gather_model(model: GPT, frozen: bool = False) -> Optional[GPT]:
     """Collective. Rank 0 gets an unsharded GPT on its CPU to save (full weights; for LoRA only
-    the adapters, the frozen base stays on the meta device, which saving never reads); other
-    ranks get None."""
+    the adapters, the frozen base stays on the meta device, which saving never reads, unless
+    `frozen` asks for it too: the random base a LoRA run saves once); other ranks get None."""
     settings = lora.lora_settings(model)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=settings is not None)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True,
+                               ignore_frozen_params=settings is not None and not frozen)
     state = get_model_state_dict(model, options=options)
     if dist.get_rank() != 0:
         return None

@@ -144,7 +144,7 @@ def setup(model_cfg: GPTConfig, cfg: TrainConfig, ddp: Dist, device: torch.devic
           datasets: Optional[Datasets] = None, weights_from: Optional[Path] = None) -> Setup:
     """Build the model (with a checkpoint's weights when resuming), tokenizer, data, sampler and
     optimizer. `datasets` replaces the configured data: the benchmarks feed their own examples.
-    With --fsdp the model is sharded (sharding.py) and `model` is `raw_model` itself."""
+    With --fsdp the model is sharded in place (sharding.py): `model` is `raw_model`, or it compiled."""
     compute_dtype = devices.compute_dtype(cfg.dtype, device, facts)
     if cfg.fsdp:
         sharding.check_options(cfg, dist.is_initialized(), compute_dtype)
@@ -170,10 +170,9 @@ def setup(model_cfg: GPTConfig, cfg: TrainConfig, ddp: Dist, device: torch.devic
     if steps_per_epoch == 0:
         raise UserError(f"{len(data.train)} examples make less than one step of "
                         f"{cfg.batch_size} x {cfg.grad_accum} x {ddp.world}; lower --batch-size or --grad-accum")
-    if cfg.fsdp:
-        model = sharding.shard(raw_model, device, compute_dtype)
-    else:
-        model = torch.compile(raw_model) if cfg.compile else raw_model
+    if cfg.fsdp:  # in place: the parameters become shards
+        sharding.shard(raw_model, device, compute_dtype)
+    model = torch.compile(raw_model) if cfg.compile else raw_model  # after sharding, as FSDP2 expects
     if ddp.world > 1 and not cfg.fsdp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=devices.ddp_device_ids(device))
     optimizer = optim.build_optimizer(raw_model, cfg, device)  # after sharding: it holds the shards
@@ -490,13 +489,18 @@ def describe_run(s: Setup, preset_name: str) -> dict:
             "created": datetime.now().isoformat(timespec="seconds")}
 
 
-def run_start(s: Setup, hyperparams: dict) -> runs.RunStart:
+def saves_random_base(cfg: TrainConfig) -> bool:
+    """LoRA on a random init: the run folder keeps that base whole (base_model/), since no hub or
+    folder holds it."""
+    return cfg.lora and not cfg.init_from
+
+
+def run_start(s: Setup, hyperparams: dict, base: Optional[GPT]) -> runs.RunStart:
     """What the run folder starts with: hyperparams, the tokenizer, the template, and the base
-    (its config for LoRA on pretrained weights; the whole base for LoRA on a random init)."""
-    lora_base = s.cfg.lora and not s.cfg.init_from
+    (its config for LoRA on pretrained weights; `base`, the whole model, for LoRA on a random init)."""
     return runs.RunStart(hyperparams, s.tokenizer, s.cfg.template,
                          base_config=config_to_hf(s.raw_model.config) if s.cfg.lora else None,
-                         base_model=s.raw_model if lora_base else None)  # LoRA leaves the base weights' names as they were
+                         base_model=base if saves_random_base(s.cfg) else None)  # LoRA leaves the base weights' names as they were
 
 
 class Resolved(NamedTuple):
@@ -567,11 +571,12 @@ def check_continuation(run_dir: Path, s: Setup, step: int, saved: dict, now: dic
                         "for; give a larger --max-steps or --epochs")
 
 
-def prepare_folder(run_dir: Path, s: Setup, hyperparams: dict, saved: Optional[dict], restart: bool):
+def prepare_folder(run_dir: Path, s: Setup, hyperparams: dict, saved: Optional[dict], restart: bool,
+                   base: Optional[GPT]):
     """Rank 0: create the run folder (a new run) or bring it up to date (a resumed one: its
     configuration may have been extended), and lock it for this process. Returns the lock."""
     if saved is None:
-        runs.create_run_folder(run_dir, run_start(s, hyperparams))
+        runs.create_run_folder(run_dir, run_start(s, hyperparams, base))
         return runs.lock_run(run_dir)
     if restart:  # nothing of the old attempt survives a restart from step 0
         runs.discard_progress(run_dir)
@@ -649,8 +654,11 @@ def main(argv=None) -> int:
     hyperparams = describe_run(s, preset_name)
     if checkpoint is not None:
         check_continuation(run_dir, s, state["step"], saved["hyperparams"], hyperparams)
+    base = s.raw_model
+    if cfg.fsdp and saved is None and saves_random_base(cfg):
+        base = sharding.gather_model(s.raw_model, frozen=True)  # collective: rank 0 gets the whole model
     if ddp.is_main:
-        lock = prepare_folder(run_dir, s, hyperparams, saved, restart=checkpoint is None) or lock
+        lock = prepare_folder(run_dir, s, hyperparams, saved, restart=checkpoint is None, base=base) or lock
     barrier(ddp)
     metrics = runs.Metrics(run_dir / runs.METRICS, run_dir.name)
     trainer = Trainer(s, run_dir, metrics, after_eval=draw_figures)
@@ -669,6 +677,7 @@ def main(argv=None) -> int:
                                             resume_step=trainer.step if checkpoint is not None else None)
             metrics.on_record = tracker.log if tracker is not None else None
             print(optim.format_param_report(hyperparams["params"]))
+            print(memplan.format_plan(s.memory_plan))  # metrics.json's summary gets the measured peak
             print(f"run folder: {run_dir}  ({s.total_steps} steps on {device}, "
                   f"{devices.dtype_name(s.compute_dtype)})")
         trainer.run()

@@ -19,7 +19,7 @@ from errors import UserError
 from test_train import run_args, train_losses  # noqa: F401  (run_args is a fixture)
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-LORA = ["--lora", "--rank", "4"]  # on hf_checkpoint: --fsdp LoRA needs pretrained weights
+LORA = ["--lora", "--rank", "4"]
 
 
 def free_port() -> int:
@@ -52,8 +52,11 @@ def shard_bytes(stdout: str) -> dict[int, dict]:
     return {r["rank"]: r for r in map(json.loads, lines)}
 
 
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+def final_weights(run_dir: Path, base: str = "") -> dict[str, torch.Tensor]:
+    """The last checkpoint's tensors, or with base="base_model" those of the saved random base."""
     from safetensors.torch import load_file
+    if base:
+        return load_file(str(run_dir / base / "model.safetensors"))
     step = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text()
     folder, name = (step / "adapter", "adapter_model.safetensors") if (step / "adapter").is_dir() else \
         (step / "model", "model.safetensors")
@@ -75,12 +78,13 @@ def hf_logits(run_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
         return model.eval()(tokens).logits
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_fsdp_matches_single_process(run_args, hf_checkpoint, lora):
+@pytest.mark.parametrize("method", ["full", "lora", "lora-random-base"])
+def test_fsdp_matches_single_process(run_args, hf_checkpoint, method):
     """2 ranks x batch 4 with --fsdp == 1 process x batch 4 x grad_accum 2: the same losses,
-    evaluations and checkpoints (to float32 sums in another order), and each rank holds half."""
-    method = LORA + ["--init-from", str(hf_checkpoint)] if lora else []
-    args = run_args + method + ["--max-steps", "4", "--eval-interval", "2", "--save-interval", "4"]
+    evaluations and checkpoints (to float32 sums in another order), and each rank holds half.
+    LoRA trains a pretrained base (hf_checkpoint) or a random one, which the run folder keeps."""
+    options = {"full": [], "lora": LORA + ["--init-from", str(hf_checkpoint)], "lora-random-base": LORA}[method]
+    args = run_args + options + ["--max-steps", "4", "--eval-interval", "2", "--save-interval", "4"]
     run_single(args + ["--grad-accum", "2"], "single")
     fsdp = run_fsdp(args, "fsdp")
     runs_dir = Path(args[args.index("--out-dir") + 1])
@@ -94,6 +98,10 @@ def test_fsdp_matches_single_process(run_args, hf_checkpoint, lora):
                 if "val_loss" in r]
     assert [s for s, _ in evals(fsdp_dir)] == [0, 2, 4]  # evaluation under FSDP, on every rank in lockstep
     assert [l for _, l in evals(fsdp_dir)] == pytest.approx([l for _, l in evals(single_dir)], rel=1e-5)
+    if method == "lora-random-base":  # gathered from the shards before training: the same random base
+        fsdp_base, single_base = final_weights(fsdp_dir, "base_model"), final_weights(single_dir, "base_model")
+        assert fsdp_base.keys() == single_base.keys()
+        assert all(torch.equal(fsdp_base[k], single_base[k]) for k in single_base)
     samples = [json.loads((d / "samples.json").read_text()) for d in (fsdp_dir, single_dir)]
     assert [r["step"] for r in samples[0]] == [0, 2, 4]  # generation under FSDP, on every rank in lockstep
     assert samples[0][0] == samples[1][0]  # the same weights at step 0: the same greedy answer
@@ -151,10 +159,8 @@ def test_fsdp_refusals(run_args, monkeypatch):
     with pytest.raises(UserError, match="torchrun"):
         train_sft.main(run_args + ["--fsdp", "--run-name", "x"])
     monkeypatch.setattr(train_sft.dist, "is_initialized", lambda: True)  # as under torchrun: the next checks
-    with pytest.raises(UserError, match="--compile"):
-        train_sft.main(run_args + ["--fsdp", "--compile", "--run-name", "x"])
-    with pytest.raises(UserError, match="--init-from"):
-        train_sft.main(run_args + ["--fsdp", "--lora", "--run-name", "x"])
+    with pytest.raises(UserError, match="float16"):
+        train_sft.main(run_args + ["--fsdp", "--dtype", "float16", "--run-name", "x"])
     assert not (Path(run_args[run_args.index("--out-dir") + 1]) / "x").exists()
 
 
@@ -183,3 +189,24 @@ def test_max_memory_proposes_what_fits(run_args, capsys):
         train_sft.main(big + ["--run-name", "big"])  # a real run refuses, naming the options that fit
     with pytest.raises(UserError, match="--max-memory"):
         train_sft.main(run_args + ["--max-memory", "lots", "--dry-run"])
+
+
+def test_fsdp_compile_matches_eager(run_args):
+    """--fsdp --compile: torch.compile over the sharded model (FSDP2's gathers traced with it)
+    trains to the eager FSDP run's losses (inductor reorders float32 sums: 1e-5 relative)."""
+    args = run_args + ["--max-steps", "3", "--eval-interval", "1000", "--sample-prompts", "0"]
+    run_fsdp(args, "eager")
+    run_fsdp(args + ["--compile"], "compiled")
+    runs_dir = Path(args[args.index("--out-dir") + 1])
+    eager, compiled = train_losses(runs_dir / "eager"), train_losses(runs_dir / "compiled")
+    assert [s for s, _ in compiled] == [s for s, _ in eager] == [1, 2, 3]
+    assert [l for _, l in compiled] == pytest.approx([l for _, l in eager], rel=1e-5)
+
+
+def test_real_run_prints_its_plan_and_stores_it_beside_the_measured_peak(run_args, capsys):
+    run_dir = Path(run_args[run_args.index("--out-dir") + 1]) / "planned"
+    assert train_sft.main(run_args + ["--max-steps", "2", "--run-name", "planned"]) == 0
+    assert "memory plan per rank: batch 4 x 96 tokens" in capsys.readouterr().out
+    plan = json.loads((run_dir / "hyperparams.json").read_text())["memory_plan"]
+    summary = json.loads((run_dir / "metrics.json").read_text())["summary"]
+    assert plan["total"] > plan["weights"] > 0 and summary["peak_mem_mb"] > 0
