@@ -32,7 +32,9 @@ from model import read_weights_file, state_mismatches
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> GPT2LMHeadModel
-LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+# the linears LoRA can adapt in each block, with their (in, out) widths in units of n_embd
+TARGET_WIDTHS = {"attn.c_attn": (1, 3), "attn.c_proj": (1, 1), "mlp.c_fc": (1, 4), "mlp.c_proj": (4, 1)}
+LORA_TARGETS = tuple(TARGET_WIDTHS)
 
 
 @dataclass

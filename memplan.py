@@ -7,9 +7,11 @@ What is counted, and why (GPT-2 as model.py builds it, trained as train_sft.Trai
 - Weights: every parameter once (the head is tied to wte), in the weight dtype, plus the LoRA
   A and B matrices. Gradients and optimizer state exist only for trainable parameters and have
   the parameter's dtype; AdamW keeps two buffers, momentum/Nesterov one, SGD none (optim.OPTIMIZERS).
-  FSDP divides these three by the world size (the unsharded copies it gathers for one unit at a
-  time are not counted); DDP adds one gradient-sized bucket buffer (its default
-  gradient_as_bucket_view=False copies the gradients into buckets). Neither is measured here.
+  FSDP divides these three by the world size, and adds the full weights it gathers in the compute
+  dtype while forward and backward run: the root unit's (embeddings and final LayerNorm; FSDP2
+  keeps the root gathered from forward to backward) and two blocks' (the one running and the
+  next, prefetched). DDP adds one gradient-sized bucket buffer (its default
+  gradient_as_bucket_view=False copies the gradients into buckets). Neither is measured on a GPU.
 - Activations: the tensors autograd saves in the forward, counted from model.py's ops (audited
   against torch's saved-tensor hooks in bench/bench_memplan.py). Per block, when gradients flow
   through it: the LayerNorm inputs and their mean/rstd, each linear's input where its weight (or
@@ -55,12 +57,10 @@ import torch
 
 import devices
 from errors import UserError
-from lora import LORA_TARGETS
+from lora import LORA_TARGETS, TARGET_WIDTHS
 from optim import OPTIMIZERS
 
 GB = 10**9
-# (in, out) widths of each LoRA target, in units of n_embd
-_LINEARS = {"attn.c_attn": (1, 3), "attn.c_proj": (1, 1), "mlp.c_fc": (1, 4), "mlp.c_proj": (4, 1)}
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -84,6 +84,7 @@ class PlanInputs:
     compute_dtype: torch.dtype = torch.float32  # autocast dtype; float32 = no autocast
     lora: bool = False
     rank: int = 16
+    dora: bool = False  # DoRA: a magnitude vector per adapted linear, and its saved tensors
     lora_targets: tuple[str, ...] = LORA_TARGETS
     lora_layers: Optional[tuple[int, ...]] = None  # None = every block
     optimizer: str = "adamw"
@@ -124,7 +125,7 @@ class PlanInputs:
             vocab_size=model_cfg.vocab_size, block_size=model_cfg.block_size, dropout=model_cfg.dropout,
             grad_checkpointing=model_cfg.grad_checkpointing, batch_size=train_cfg.batch_size,
             seq_len=seq, grad_accum=train_cfg.grad_accum, compute_dtype=compute,
-            lora=train_cfg.lora, rank=train_cfg.rank, lora_targets=tuple(train_cfg.lora_targets),
+            lora=train_cfg.lora, rank=train_cfg.rank, dora=train_cfg.lora and train_cfg.dora, lora_targets=tuple(train_cfg.lora_targets),
             lora_layers=None if train_cfg.lora_layers is None else tuple(train_cfg.lora_layers),
             optimizer=train_cfg.optimizer, head_on_targets_only=train_cfg.head_on_targets_only,
             ce_chunk=getattr(train_cfg, "ce_chunk", 0), world_size=world_size, fsdp=fsdp)
@@ -159,6 +160,7 @@ class MemoryPlan:
     at_backward_end: int
     at_optimizer_step: int
     peak_moment: str
+    fsdp_gathered: int = 0  # full weights FSDP holds gathered during forward and backward (0 without FSDP)
 
     def to_dict(self) -> dict:
         """For hyperparams.json: the inputs (dtypes by name) and every figure in bytes."""
@@ -177,7 +179,9 @@ def count_params(p: PlanInputs) -> tuple[int, int]:
     base = p.vocab_size * d + p.block_size * d + p.n_layer * block + 2 * d
     if not p.lora:
         return base, base
-    per_block = sum(p.rank * (i + o) * d for t, (i, o) in _LINEARS.items() if t in p.lora_targets)
+    magnitude = 1 if p.dora else 0  # DoRA's vector: one entry per output feature
+    per_block = sum((p.rank * (i + o) + magnitude * o) * d for t, (i, o) in TARGET_WIDTHS.items()
+                    if t in p.lora_targets)
     adapters = len(p.lora_blocks()) * per_block
     return base + adapters, adapters
 
@@ -220,11 +224,11 @@ def _block_saved(p: PlanInputs, flowing: bool, full: bool, targets) -> tuple[int
 
     def linear(name: str) -> int:
         nonlocal flowing
-        d_in, d_out = (w * d for w in _LINEARS[name])
+        d_in, d_out = (w * d for w in TARGET_WIDTHS[name])
         adapted = name in targets
         # the input, for the weight (or LoRA A) gradient; a flowing attention already saved its
-        # output, which is c_proj's input (the same storage)
-        shared = name == "attn.c_proj" and flowing
+        # output, which is c_proj's input (the same storage, unless autocast casts a float32 output)
+        shared = name == "attn.c_proj" and flowing and not (autocast and p.dropout > 0)
         saved = n * d_in * c if (full or adapted) and not shared else 0
         if flowing and autocast:
             saved += d_in * d_out * c  # the compute-dtype copy of the weight, for the input gradient
@@ -232,13 +236,17 @@ def _block_saved(p: PlanInputs, flowing: bool, full: bool, targets) -> tuple[int
             saved += n * r * c  # xa, for lora_B's gradient
             if autocast:  # compute-dtype copies of B (for xa's gradient) and of A (for the input's)
                 saved += r * d_out * c + (r * d_in * c if flowing else 0)
+            if p.dora:
+                saved += _dora_saved(p, d_out, flowing)
         flowing = flowing or full or adapted
         return saved
 
     total = layer_norm if flowing else 0
     total += linear("attn.c_attn")
     if flowing:
-        if p.dropout > 0:  # unfused attention: q, k, v copies, output, probabilities, dropout mask, dropped
+        if p.dropout > 0 and autocast:  # the unfused path runs in float32 under autocast: q, k, v copies,
+            total += 3 * n * d * 4 + 3 * p.batch_size * p.n_head * p.seq_len ** 2 * 4  # probabilities, mask, dropped
+        elif p.dropout > 0:  # unfused attention: q, k, v copies, output, probabilities, dropout mask, dropped
             total += 4 * n * d * c + 3 * p.batch_size * p.n_head * p.seq_len ** 2 * c
         else:  # fused attention: q/k/v (one storage), output, float32 logsumexp per head
             total += 4 * n * d * c + n * p.n_head * 4
@@ -252,6 +260,15 @@ def _block_saved(p: PlanInputs, flowing: bool, full: bool, targets) -> tuple[int
     if flowing and p.dropout > 0:
         total += n * d * c  # the MLP's residual dropout mask
     return total, flowing
+
+
+def _dora_saved(p: PlanInputs, d_out: int, flowing: bool) -> int:
+    """What lora.DoRALinear saves beyond LoRA: for the magnitude's gradient the base output W x
+    and the update s B A x ([tokens, out] each); the float32 norm it is divided by, the factor
+    m / norm (a compute-dtype copy under autocast) and, when gradients flow into x, factor - 1.
+    (With dropout the base output is recomputed on the dropped input: the same sizes.)"""
+    n, c = p.batch_size * p.seq_len, _nbytes(p.compute_dtype)
+    return 2 * n * d_out * c + d_out * 4 + d_out * c + (d_out * c if flowing else 0)
 
 
 def _head_rows(p: PlanInputs) -> int:
@@ -308,6 +325,20 @@ def _block_backward_transient(p: PlanInputs) -> int:
     return extra
 
 
+def fsdp_gathered_bytes(p: PlanInputs) -> int:
+    """The unsharded weights FSDP2 holds at once in forward and backward: the root unit (wte, which
+    is also the head, wpe and ln_f) and two blocks with their adapters, in the compute dtype (the
+    MixedPrecisionPolicy's param_dtype; float32 without autocast)."""
+    if not p.fsdp or p.world_size == 1:
+        return 0
+    d = p.n_embd
+    root = p.vocab_size * d + p.block_size * d + 2 * d
+    block = 12 * d * d + 13 * d
+    if p.lora:  # every adapted block carries the same adapters
+        block += count_params(p)[1] // len(p.lora_blocks())
+    return (root + 2 * block) * _nbytes(p.compute_dtype)
+
+
 # ------------------------------------------------------------------------------ the plan
 
 def plan(p: PlanInputs) -> MemoryPlan:
@@ -323,14 +354,16 @@ def plan(p: PlanInputs) -> MemoryPlan:
     # larger (chunked head, checkpointing), the last block's backward once the head's saved tensors
     # are freed (the held logits are not).
     activations = saved_activation_bytes(p)
-    wte_grad = p.vocab_size * p.n_embd * wbytes // shard if not p.lora else 0  # the head's weight gradient
+    # the head's weight gradient, whole: FSDP reduce-scatters it only once backward has produced it
+    wte_grad = p.vocab_size * p.n_embd * wbytes if not p.lora else 0
     activation_peak = max(activations + _head_transient(p),
                           activations - _head_saved(p) + _held_logits(p) + _block_backward_transient(p) + wte_grad)
-    at_loss = weights + state + grads_in_forward + ddp_buckets + activation_peak
+    gathered = fsdp_gathered_bytes(p)
+    at_loss = weights + state + grads_in_forward + ddp_buckets + activation_peak + gathered
     # End of backward (trainable embedding): every gradient, plus the dense embedding gradient
     # that is then added into wte's gradient (which the head already wrote).
     held = _held_logits(p)  # the last micro-batch's logits live until the step returns
-    at_end = weights + state + gradients + ddp_buckets + held + wte_grad
+    at_end = weights + state + gradients + ddp_buckets + held + wte_grad + gathered
     temporaries = gradients if p.optimizer in ("adamw", "nesterov") else 0
     at_step = weights + state + gradients + ddp_buckets + held + temporaries
     moments = {"loss": at_loss, "end of backward": at_end, "optimizer step": at_step}
@@ -340,20 +373,21 @@ def plan(p: PlanInputs) -> MemoryPlan:
     return MemoryPlan(inputs=p, params=params, trainable_params=trainable, weights=weights, gradients=gradients,
                       optimizer_state=state, activations=activation_peak, live=live, total=total,
                       at_loss=at_loss, at_backward_end=at_end, at_optimizer_step=at_step,
-                      peak_moment=peak_moment)
+                      peak_moment=peak_moment, fsdp_gathered=gathered)
 
 
 def format_plan(mp: MemoryPlan) -> str:
     """A few lines for --dry-run and the start of training."""
     p = mp.inputs
-    method = f"LoRA r={p.rank}" if p.lora else "full fine-tuning"
+    method = f"{'DoRA' if p.dora else 'LoRA'} r={p.rank}" if p.lora else "full fine-tuning"
     ranks = f", {p.world_size} ranks{' (FSDP)' if p.fsdp else ' (DDP)'}" if p.world_size > 1 else ""
     return "\n".join([
         f"memory plan per rank: batch {p.batch_size} x {p.seq_len} tokens x grad_accum {p.grad_accum}, {method}, "
         f"{p.optimizer}, compute {str(p.compute_dtype).removeprefix('torch.')}"
         f"{', activation checkpointing' if p.grad_checkpointing else ''}{ranks}",
         f"  weights {_gb(mp.weights)}, gradients {_gb(mp.gradients)}, optimizer state {_gb(mp.optimizer_state)}, "
-        f"activations {_gb(mp.activations)}",
+        f"activations {_gb(mp.activations)}" + (f", FSDP's gathered units {_gb(mp.fsdp_gathered)}"
+                                                  if mp.fsdp_gathered else ""),
         f"  peak {_gb(mp.total)}: tensors {_gb(mp.live)} at the {mp.peak_moment}, plus "
         f"{100 * p.allocator_slack:.0f}% allocator slack on all but the weights"])
 

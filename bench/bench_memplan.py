@@ -161,6 +161,13 @@ AUDIT_VARIANTS = {  # name -> (GPTConfig overrides, PlanInputs overrides)
     "lora-attn.c_proj-layers-1,2": ({}, dict(lora=True, lora_targets=("attn.c_proj",), lora_layers=(1, 2))),
     "lora-dropout": (dict(dropout=0.1), dict(lora=True)),
     "lora-bf16-autocast": ({}, dict(lora=True, compute_dtype=torch.bfloat16)),
+    "full-dropout-bf16-autocast": (dict(dropout=0.1), dict(compute_dtype=torch.bfloat16)),
+    "lora-dropout-bf16-autocast": (dict(dropout=0.1), dict(lora=True, compute_dtype=torch.bfloat16)),
+    "dora": ({}, dict(lora=True, dora=True)),
+    "dora-attn.c_proj-layers-1,2": ({}, dict(lora=True, dora=True, lora_targets=("attn.c_proj",), lora_layers=(1, 2))),
+    "dora-dropout": (dict(dropout=0.1), dict(lora=True, dora=True)),
+    "dora-bf16-autocast": ({}, dict(lora=True, dora=True, compute_dtype=torch.bfloat16)),
+    "dora-dropout-bf16-autocast": (dict(dropout=0.1), dict(lora=True, dora=True, compute_dtype=torch.bfloat16)),
 }
 
 
@@ -196,7 +203,7 @@ def audit() -> list[dict]:
         torch.manual_seed(0)
         model = GPT(cfg).train()
         if p.lora:
-            lora.apply_lora(model, rank, 2.0 * rank, targets=p.lora_targets, layers=p.lora_layers)
+            lora.apply_lora(model, rank, 2.0 * rank, targets=p.lora_targets, layers=p.lora_layers, dora=p.dora)
         examples = random_dataset(batch, seq, 0.5, cfg.vocab_size)
         x, y = collate([examples[i] for i in range(batch)], pad_id=0)
         measured = saved_bytes(model, x, y, p.head_on_targets_only, p.compute_dtype)

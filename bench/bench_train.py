@@ -45,12 +45,12 @@ import torch  # noqa: E402
 from configs import GPTConfig, preset  # noqa: E402
 from data import SFTDataset  # noqa: E402
 from errors import run_cli  # noqa: E402
+from lora import TARGET_WIDTHS  # noqa: E402
 from model import HUB_MODELS  # noqa: E402
 
 DEFAULT_TOKENIZER = ROOT.parent / "shared" / "assets" / "gpt2_bpe"
 # Dense bfloat16/float16 tensor-core peaks (no sparsity), TFLOP/s, by a substring of the device name.
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0, "A10G": 125.0}
-LORA_LINEARS = {"c_attn": (1, 3), "attn.c_proj": (1, 1), "c_fc": (1, 4), "mlp.c_proj": (4, 1)}  # (in, out) / n_embd
 
 
 def step_flops(cfg: GPTConfig, batch: int, seq: int, head_rows: int, lora_rank: int | None) -> float:
@@ -71,7 +71,7 @@ def step_flops(cfg: GPTConfig, batch: int, seq: int, head_rows: int, lora_rank: 
     attention = 4 * seq * seq * d * n_layer * batch
     if lora_rank is None:
         return 3 * (linear + head) + 3 * attention
-    adapters = sum(2 * lora_rank * (i + o) * d for i, o in LORA_LINEARS.values()) * n_layer * positions
+    adapters = sum(2 * lora_rank * (i + o) * d for i, o in TARGET_WIDTHS.values()) * n_layer * positions
     block0_input_grad = 2 * (3 * d + lora_rank) * d * positions  # c_attn's frozen weight and lora_A
     return 2 * (linear + head) + 3 * attention + 3 * adapters - block0_input_grad
 

@@ -10,6 +10,7 @@ import lora
 import memplan
 import optim
 from configs import GPTConfig, TrainConfig, preset
+from conftest import ROOT
 from errors import UserError
 from model import GPT
 
@@ -25,13 +26,14 @@ def tiny_inputs(**overrides) -> memplan.PlanInputs:
 def built(p: memplan.PlanInputs) -> GPT:
     model = GPT(TINY)
     if p.lora:
-        lora.apply_lora(model, p.rank, 8.0, targets=p.lora_targets, layers=p.lora_layers)
+        lora.apply_lora(model, p.rank, 8.0, targets=p.lora_targets, layers=p.lora_layers, dora=p.dora)
     return model
 
 
 @pytest.mark.parametrize("lora_kw", [
     {}, dict(lora=True), dict(lora=True, lora_targets=("mlp.c_fc", "attn.c_proj")),
-    dict(lora=True, lora_targets=("attn.c_attn",), lora_layers=(0, -1)), dict(lora=True, rank=1)])
+    dict(lora=True, lora_targets=("attn.c_attn",), lora_layers=(0, -1)), dict(lora=True, rank=1),
+    dict(lora=True, dora=True), dict(lora=True, dora=True, lora_targets=("mlp.c_proj",), lora_layers=(1,))])
 @pytest.mark.parametrize("optimizer", list(optim.OPTIMIZERS))
 def test_weights_gradients_and_state_are_exact(lora_kw, optimizer):
     p = tiny_inputs(optimizer=optimizer, **lora_kw)
@@ -48,6 +50,17 @@ def test_weights_gradients_and_state_are_exact(lora_kw, optimizer):
     assert report["memory_bytes"]["optimizer_state"] == mp.optimizer_state
     if p.lora:
         assert report["lora"] == mp.trainable_params
+
+
+def test_saved_activations_are_counted_to_the_byte(monkeypatch):
+    """bench_memplan's audit: the bytes autograd saves in one forward (saved-tensor hooks) equal
+    memplan.saved_activation_bytes in every variant (full, LoRA, DoRA, targets, layers, dropout,
+    bfloat16 autocast, the head on all positions)."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import bench_memplan
+    rows = bench_memplan.audit()
+    assert len(rows) == len(bench_memplan.AUDIT_VARIANTS)
+    assert [(r["variant"], r["predicted_bytes"]) for r in rows] == [(r["variant"], r["saved_bytes"]) for r in rows]
 
 
 def test_gpt2_sizes_match_the_known_counts():
@@ -67,6 +80,14 @@ def test_sharding_divides_state_but_not_activations():
     assert fsdp.optimizer_state == 2 * fsdp.gradients
     assert memplan.saved_activation_bytes(tiny_inputs(world_size=4, fsdp=True)) == \
         memplan.saved_activation_bytes(tiny_inputs())
+    # the weights gathered while a unit runs: the root (wte, wpe, ln_f) and two blocks, in full
+    d = TINY.n_embd
+    gathered = 4 * (TINY.vocab_size * d + TINY.block_size * d + 2 * d + 2 * (12 * d * d + 13 * d))
+    assert fsdp.fsdp_gathered == gathered and base.fsdp_gathered == 0
+    assert fsdp.at_loss == base.at_loss - (base.weights + base.optimizer_state) + \
+        (fsdp.weights + fsdp.optimizer_state) + gathered
+    bf16 = memplan.plan(tiny_inputs(world_size=4, fsdp=True, compute_dtype=torch.bfloat16))
+    assert bf16.fsdp_gathered == gathered // 2
     ddp = memplan.plan(tiny_inputs(world_size=4))
     assert (ddp.weights, ddp.gradients) == (base.weights, base.gradients)
     assert ddp.at_optimizer_step == base.at_optimizer_step + base.gradients  # DDP's gradient buckets
