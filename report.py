@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -24,7 +23,7 @@ from matplotlib.colors import to_hex
 
 from files import write_text_atomic
 from plot import COLUMNS, NOT_APPLICABLE, Column, compare_figures, left_out_notes, run_style, table_row
-from runs import Run
+from runs import Run, RunFolderError, read_json
 
 # The table's columns that are choices made before training (shaded where runs differ), and the
 # results where one run is best: column key -> True when higher is better.
@@ -62,9 +61,9 @@ class Prompt:
 def _read_json(path: Path, notes: list[str]):
     """The file's JSON, or None (with a note) when it cannot be read: the page is still useful without it."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        notes.append(f"{path}: cannot read it ({err}); left out of the report")
+        return read_json(path)
+    except RunFolderError as err:
+        notes.append(f"{err}; left out of the report")
         return None
 
 

@@ -71,7 +71,7 @@ def new_run_dir(train: TrainConfig, preset_name: str) -> Path:
         if (root / train.run_name).exists():
             raise UserError(f"{root / train.run_name} already exists; pass --resume {root / train.run_name} or another --run-name")
         return root / train.run_name
-    method = f"lora-r{train.rank}" if train.lora else "full"
+    method = f"{'dora' if train.dora else 'lora'}-r{train.rank}" if train.lora else "full"
     base = f"{preset_name.split('/')[0]}-{method}-{train.optimizer}-lr{train.lr:g}-{datetime.now():%Y%m%d-%H%M%S}"
     name, n = base, 1
     while (root / name).exists():
@@ -235,7 +235,7 @@ def write_hyperparams(run_dir: Path, hyperparams: dict) -> None:
 
 
 def read_metrics(run_dir: Path) -> dict:
-    return _read_json_file(Path(run_dir) / METRICS, "the run's metrics")
+    return read_json(Path(run_dir) / METRICS)
 
 
 def run_status(run_dir: Path) -> Optional[str]:
@@ -401,15 +401,20 @@ class NoLossYet(RunFolderError):
     """A readable run that has not logged a loss: nothing to compare, but nothing wrong either."""
 
 
-def _read_json_file(path: Path, what: str):
+def read_json(path: Path):
+    """One JSON file of a run folder; RunFolderError (a UserError) names the file and why not."""
     try:
-        return json.loads(path.read_text())
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise RunFolderError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column "
+                             f"{err.colno}): half-written or corrupt") from None
     except (OSError, ValueError) as err:
-        raise UserError(f"{path}: cannot read {what} ({err}); is {path.parent} a run folder?") from None
+        raise RunFolderError(f"cannot read {path} ({getattr(err, 'strerror', None) or err})") from None
 
 
 def read_hyperparams(run_dir: Path) -> dict:
-    return _read_json_file(Path(run_dir) / HYPERPARAMS, "the run's hyperparameters")
+    return read_json(Path(run_dir) / HYPERPARAMS)
 
 
 def run_configs(run_dir: Path) -> tuple[GPTConfig, TrainConfig]:
@@ -565,7 +570,7 @@ def load_run(run_dir) -> Run:
     if not (path / "metrics.json").exists():
         raise RunFolderError("empty folder" if not any(path.iterdir()) else
                              "no metrics.json (not a run folder, or the run has not logged yet)")
-    metrics = _read_json(path / "metrics.json")
+    metrics = read_json(path / "metrics.json")
     if isinstance(metrics, list):
         run = Run(path, path.name, True, _records(metrics, legacy=True), {}, {})
     elif isinstance(metrics, dict):
@@ -578,17 +583,6 @@ def load_run(run_dir) -> Run:
     run.hparams = _load_hparams(path / "hyperparams.json", run.notes)
     run.reward = _load_reward(path / "eval" / "reward.json", run.notes)
     return run
-
-
-def _read_json(path: Path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
-        raise RunFolderError(f"{path.name} is not valid JSON ({err.msg} at line {err.lineno}, column "
-                             f"{err.colno}): half-written or corrupt") from None
-    except (OSError, ValueError) as err:
-        raise RunFolderError(f"cannot read {path.name}: {err}") from None
 
 
 def _kind(value) -> str:
@@ -641,7 +635,7 @@ def _load_hparams(path: Path, notes: list[str]) -> dict:
     if not path.exists():
         notes.append("no hyperparams.json; its table row has only the metrics")
         return {}
-    hp = _read_json(path)
+    hp = read_json(path)
     if not isinstance(hp, dict):
         raise RunFolderError(f"hyperparams.json holds a {_kind(hp)}, expected an object")
     values = _new_hparams(hp) if "config" in hp else _old_hparams(hp)
@@ -699,7 +693,7 @@ def _load_reward(path: Path, notes: list[str]) -> dict:
     if not path.exists():
         return {}
     try:
-        reward = _read_json(path)
+        reward = read_json(path)
         values = {"win_rate": reward.get("win_rate"), "mean_reward": (reward.get("tuned") or {}).get("mean_reward")}
     except (RunFolderError, AttributeError) as err:
         notes.append(f"eval/reward.json unreadable ({err}); reward cells left blank")

@@ -212,11 +212,11 @@ def test_unreadable_eval_files_are_notes_not_failures(three_runs, tmp_path):
     (three_runs[0] / "eval" / "responses.json").write_text("{half")
     write_json(three_runs[1] / "samples.json", [{"step": 50}, {"step": 50, "instruction": "q", "response": "a"}])
     notes = report.write_report([load_run(f) for f in three_runs], tmp_path / "r.html")
-    assert len(notes) == 2 and "responses.json: cannot read it" in notes[0] and "1 record(s) without" in notes[1]
+    assert len(notes) == 2 and "responses.json is not valid JSON" in notes[0] and "1 record(s) without" in notes[1]
     page = parse((tmp_path / "r.html").read_text())
     assert len(page.find_all("details", "prompt")) == 3  # full-sgd's answers remain
     assert "(3 prompt(s), 1 run(s) evaluated)" in page.find_all("h2")[2].text()
-    assert "responses.json: cannot read it" in page.find_all("ul", "notes")[0].text()
+    assert "responses.json is not valid JSON" in page.find_all("ul", "notes")[0].text()
 
 
 def test_plot_cli_html_option(three_runs, tmp_path):

@@ -270,6 +270,8 @@ def test_default_run_names_are_readable_and_unique(run_args):
     first.mkdir(parents=True)
     second = runs.new_run_dir(train, "tiny/lora")
     assert first.name.startswith("tiny-lora-r4-adamw-lr0.01-") and second != first
+    _, _, dora = parse_args(run_args + ["--lora", "--dora", "--rank", "4"])
+    assert runs.new_run_dir(dora, "tiny/lora").name.startswith("tiny-dora-r4-")
 
 
 def test_bfloat16_and_grad_checkpointing_run(run_args):
