@@ -128,10 +128,9 @@ def test_data(args, loaded: Loaded) -> Optional[LossData]:
 def run_test_split(train) -> LossData:
     """The test split a run was evaluated on while it trained."""
     if train.dataset == "synthetic":
-        from synthetic import make_synthetic_split
-        from synthetic import SYNTHETIC_SIZES  # the run's held-out split: same size, same seed
+        from synthetic import run_split
 
-        return LossData("synthetic test split", records=make_synthetic_split(0, SYNTHETIC_SIZES[1], train.seed)[1])
+        return LossData("synthetic test split", records=run_split(train.seed, with_train=False)[1])
     path = Path(train.data_dir) / "sft_test.json"
     if not path.is_file():
         raise UserError(f"{path} (the run's test split) does not exist; "

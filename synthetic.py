@@ -116,6 +116,13 @@ def make_synthetic_split(n_train: int, n_test: int, seed: int = 0) -> tuple[list
     return train, test
 
 
+def run_split(seed: int, with_train: bool = True) -> tuple[list[dict], list[dict]]:
+    """The records a `--dataset synthetic` run trains and tests on (SYNTHETIC_SIZES, its seed).
+    with_train=False makes only the test records, the same ones: they are drawn first."""
+    n_train, n_test = SYNTHETIC_SIZES
+    return make_synthetic_split(n_train if with_train else 0, n_test, seed)
+
+
 def task_of(record: dict) -> str:
     """The task a synthetic record belongs to (for per-task scores)."""
     return _TASK_OF_INSTRUCTION[record["instruction"]]

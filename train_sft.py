@@ -44,7 +44,7 @@ from data import LengthGroupedBatchSampler, SFTDataset, collate, count_target_to
 from errors import UserError, one_line, run_cli
 from generation import GenerationSettings, generate_responses
 from model import GPT, config_from_hf, config_to_hf, is_hub_id, read_hf_state_dict
-from synthetic import SYNTHETIC_SIZES, exact_match, make_synthetic_split
+from synthetic import exact_match, run_split
 from tokenizer import Tokenizer, tokenizer_for
 from validation import evaluate_loss
 
@@ -106,7 +106,7 @@ def load_datasets(cfg: TrainConfig, tokenizer: Tokenizer, max_len: int) -> Datas
     options = dict(tokenizer=tokenizer, template=cfg.template, max_len=max_len,
                    train_on_prompt=cfg.train_on_prompt, overlong=cfg.overlong)
     if cfg.dataset == "synthetic":
-        train_records, test_records = make_synthetic_split(*SYNTHETIC_SIZES, seed=cfg.seed)
+        train_records, test_records = run_split(cfg.seed)
         return Datasets(SFTDataset.from_records(train_records, **options),
                         SFTDataset.from_records(test_records, **options), test_records)
     test = load_sft_split(cfg.data_dir, "test", **options)

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from data import SFTDataset, parse_records
-from synthetic import DIGITS, TASKS, WORDS, exact_match, make_synthetic_split, task_of
+from synthetic import DIGITS, SYNTHETIC_SIZES, TASKS, WORDS, exact_match, make_synthetic_split, run_split, task_of
 from templates import build_prompt
 from tokenizer import load_tokenizer
 
@@ -29,6 +29,12 @@ def test_same_seed_same_records_other_seed_other_records(split):
     assert make_synthetic_split(3000, 300, seed=0) == split
     assert make_synthetic_split(3000, 300, seed=1)[1] != split[1]
     assert len(split[0]) == 3000 and len(split[1]) == 300
+
+
+def test_eval_regenerates_the_test_records_a_run_trained_beside():
+    """eval.py makes only the test split (with_train=False); it is the one train_sft.py held out."""
+    train, test = run_split(seed=3)
+    assert run_split(seed=3, with_train=False) == ([], test) and len(train) == SYNTHETIC_SIZES[0]
 
 
 def test_no_test_instance_in_train(split):
