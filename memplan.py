@@ -38,9 +38,9 @@ grad_accum > 1 the gradients of earlier micro-batches are there too.
 
 The tensors alive at the peak are `live`; `total` adds `allocator_slack` (10%) on all but the
 weights, for memory the allocator holds beyond live tensors: on CPU, glibc keeps freed
-mid-sized blocks in its heap, typically 10-15% above the live tensors in bench/bench_memplan.py's
-runs, but up to ~50% with activation checkpointing, whose recomputation churns the heap (see
-bench/RESULTS.md); on CUDA the caching allocator's reserved-over-allocated bytes play the same
+mid-sized blocks in its heap, typically 5-15% above the live tensors in bench/bench_memplan.py's
+runs, but up to three times the live activations with activation checkpointing, whose
+recomputation churns the heap (see bench/RESULTS.md); on CUDA the caching allocator's reserved-over-allocated bytes play the same
 part. The process itself (the framework's code, the CUDA context) is not included.
 
 Sizes are decimal: GB = 10**9 bytes (what format_plan prints); parse_size also accepts GiB.
