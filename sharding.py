@@ -79,7 +79,8 @@ def gather_model(model: GPT, frozen: bool = False) -> Optional[GPT]:
         copy = GPT(model.config)
         if settings is not None:
             lora.apply_lora(copy, settings.rank, settings.alpha, dropout=settings.dropout,
-                            targets=settings.targets, layers=settings.layers, rslora=settings.rslora)
+                            targets=settings.targets, layers=settings.layers, rslora=settings.rslora,
+                            dora=settings.dora)
     state.pop("lm_head.weight", None)  # the same tensor as wte
     result = copy.load_state_dict(state, strict=False, assign=True)
     copy.lm_head.weight = copy.transformer.wte.weight  # assign replaced wte: tie the head again
