@@ -20,6 +20,10 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        if err.filename is None:  # a failed write() (a full disk) names no file: name the one being written
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

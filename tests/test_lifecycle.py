@@ -2,6 +2,7 @@
 killed before its first checkpoint starts again, a run can be extended, changed data and damaged
 files are caught, two processes never share a run, old checkpoints are pruned; and the
 command-line tools turn operating-system errors into one line."""
+import errno
 import json
 import os
 import signal
@@ -14,11 +15,12 @@ import pytest
 import torch
 
 import configs
+import files
 import prepare_sft_dataset
 import runs
 import train_sft
 from conftest import ROOT
-from errors import UserError
+from errors import UserError, one_line
 from model import read_weights_file
 from test_train import run, run_args, train_losses, write_data  # noqa: F401  (run_args is a fixture)
 
@@ -211,6 +213,19 @@ def test_os_errors_are_one_line(run_args, tmp_path):
     assert_one_line_error(command("train_sft.py", *args, "--run-name", "x" * 300), "--run-name", "at most")
     proc = command("prepare_sft_dataset.py", "--input", str(a_file), "--output-dir", str(a_file / "data"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_a_full_disk_names_the_file_being_written(tmp_path):
+    """write() on a full disk raises ENOSPC without a file name; the one line names it, and
+    neither the target nor a temporary is left behind."""
+    def full_disk(tmp):
+        tmp.write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    target = tmp_path / "metrics.json"
+    with pytest.raises(OSError) as caught:
+        files.write_atomic(target, full_disk)
+    assert one_line(caught.value) == f"{target}: No space left on device"
+    assert list(tmp_path.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- 7. damaged files, two processes
