@@ -40,8 +40,9 @@ The tensors alive at the peak are `live`; `total` adds `allocator_slack` (10%) o
 weights, for memory the allocator holds beyond live tensors: on CPU, glibc keeps freed
 mid-sized blocks in its heap, typically 5-15% above the live tensors in bench/bench_memplan.py's
 runs, but up to three times the live activations with activation checkpointing, whose
-recomputation churns the heap (see bench/RESULTS.md); on CUDA the caching allocator's reserved-over-allocated bytes play the same
-part. The process itself (the framework's code, the CUDA context) is not included.
+recomputation churns the heap (see bench/RESULTS.md); on CUDA the caching allocator's
+reserved-over-allocated bytes play the same part. The process itself (the framework's code, the
+CUDA context) is not included.
 
 Sizes are decimal: GB = 10**9 bytes (what format_plan prints); parse_size also accepts GiB.
 """
@@ -125,7 +126,8 @@ class PlanInputs:
             vocab_size=model_cfg.vocab_size, block_size=model_cfg.block_size, dropout=model_cfg.dropout,
             grad_checkpointing=model_cfg.grad_checkpointing, batch_size=train_cfg.batch_size,
             seq_len=seq, grad_accum=train_cfg.grad_accum, compute_dtype=compute,
-            lora=train_cfg.lora, rank=train_cfg.rank, dora=train_cfg.lora and train_cfg.dora, lora_targets=tuple(train_cfg.lora_targets),
+            lora=train_cfg.lora, rank=train_cfg.rank, dora=train_cfg.lora and train_cfg.dora,
+            lora_targets=tuple(train_cfg.lora_targets),
             lora_layers=None if train_cfg.lora_layers is None else tuple(train_cfg.lora_layers),
             optimizer=train_cfg.optimizer, head_on_targets_only=train_cfg.head_on_targets_only,
             ce_chunk=getattr(train_cfg, "ce_chunk", 0), world_size=world_size, fsdp=fsdp)
