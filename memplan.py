@@ -394,6 +394,21 @@ def format_plan(mp: MemoryPlan) -> str:
         f"{100 * p.allocator_slack:.0f}% allocator slack on all but the weights"])
 
 
+def versus_measured(mp: MemoryPlan, peak_mb: Optional[float], peak_of: Optional[str]) -> Optional[str]:
+    """One line for the end of a run: its measured peak (runs.summarize's peak_mem_mb, MB of 2**20
+    bytes) beside the plan. CUDA's peak allocated bytes are tensors, as `live` counts them, so the
+    plan's error is printed; a CPU run's RSS holds the whole process (libtorch, the interpreter),
+    which the plan leaves out, so the two are only set side by side."""
+    if peak_mb is None:
+        return None
+    if peak_of == "peak_alloc_mb":
+        planned = mp.live / 2**20
+        return (f"memory: peak allocated {peak_mb:.0f} MB per rank; the plan said {planned:.0f} MB of tensors "
+                f"({100 * (planned / peak_mb - 1):+.1f}%)")
+    return (f"memory: peak RSS {peak_mb:.0f} MB (the whole process); the plan said {mp.total / 2**20:.0f} MB "
+            f"of tensors and allocator slack per rank")
+
+
 def _gb(n_bytes: int) -> str:
     return f"{n_bytes / GB:.2f} GB"
 

@@ -171,6 +171,7 @@ def summarize(records: list[dict]) -> dict:
         "total_time_s": round(max(elapsed), 2) if elapsed else None,
         "steps": max((r["step"] for r in records), default=0),
         "peak_mem_mb": max(peaks, default=None),
+        "peak_mem_of": peak_key if peaks else None,  # which figure that is: CUDA's allocated bytes, or RSS
         "best_val_loss": min((r["val_loss"] for r in evals if math.isfinite(r["val_loss"])), default=None),
         "final_val_loss": evals[-1]["val_loss"] if evals else None,
         "train_time_s": round(train_time, 2) if train_time is not None else None,

@@ -709,6 +709,9 @@ def main(argv=None) -> int:
     if ddp.is_main and status == "finished":
         print(f"done: best val loss {metrics.summary['best_val_loss']:.4f}, "
               f"{metrics.summary['total_time_s']:.0f} s, results in {run_dir}")
+        check = memplan.versus_measured(s.memory_plan, metrics.summary["peak_mem_mb"], metrics.summary["peak_mem_of"])
+        if check:
+            print(check)
     return code
 
 

@@ -198,7 +198,11 @@ def test_max_memory_proposes_what_fits(run_args, capsys):
 def test_real_run_prints_its_plan_and_stores_it_beside_the_measured_peak(run_args, capsys):
     run_dir = Path(run_args[run_args.index("--out-dir") + 1]) / "planned"
     assert train_sft.main(run_args + ["--max-steps", "2", "--run-name", "planned"]) == 0
-    assert "memory plan per rank: batch 4 x 96 tokens" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "memory plan per rank: batch 4 x 96 tokens" in out
     plan = json.loads((run_dir / "hyperparams.json").read_text())["memory_plan"]
     summary = json.loads((run_dir / "metrics.json").read_text())["summary"]
-    assert plan["total"] > plan["weights"] > 0 and summary["peak_mem_mb"] > 0
+    assert plan["total"] > plan["weights"] > 0 and summary["peak_mem_mb"] > 0 and summary["peak_mem_of"] == "peak_rss_mb"
+    # the last line sets the measured peak beside the plan (on CPU without a ratio: RSS holds the process)
+    assert out.splitlines()[-1] == (f"memory: peak RSS {summary['peak_mem_mb']:.0f} MB (the whole process); the plan "
+                                    f"said {plan['total'] / 2**20:.0f} MB of tensors and allocator slack per rank")

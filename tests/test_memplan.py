@@ -63,6 +63,14 @@ def test_saved_activations_are_counted_to_the_byte(monkeypatch):
     assert [(r["variant"], r["predicted_bytes"]) for r in rows] == [(r["variant"], r["saved_bytes"]) for r in rows]
 
 
+def test_a_cuda_peak_is_compared_with_the_planned_tensors():
+    mp = memplan.plan(tiny_inputs())
+    measured = 1.25 * mp.live / 2**20  # allocated bytes: tensors, as `live` counts them
+    line = memplan.versus_measured(mp, measured, "peak_alloc_mb")
+    assert line.endswith(f"the plan said {mp.live / 2**20:.0f} MB of tensors (-20.0%)")
+    assert memplan.versus_measured(mp, None, None) is None
+
+
 def test_gpt2_sizes_match_the_known_counts():
     counts = {}
     for name in ("gpt2", "gpt2-medium"):
