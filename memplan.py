@@ -44,7 +44,8 @@ recomputation churns the heap (see bench/RESULTS.md); on CUDA the caching alloca
 reserved-over-allocated bytes play the same part. The process itself (the framework's code, the
 CUDA context) is not included.
 
-Sizes are decimal: GB = 10**9 bytes (what format_plan prints); parse_size also accepts GiB.
+Sizes are decimal: GB = 10**9 bytes, MB = 10**6 (format_plan prints GB from 0.1 GB up, MB or KB below);
+parse_size also accepts GiB.
 """
 from __future__ import annotations
 
@@ -410,7 +411,10 @@ def versus_measured(mp: MemoryPlan, peak_mb: Optional[float], peak_of: Optional[
 
 
 def _gb(n_bytes: int) -> str:
-    return f"{n_bytes / GB:.2f} GB"
+    """Decimal units: GB from 0.1 GB up (the sizes GPU budgets are given in), MB or KB below (tiny models)."""
+    if n_bytes >= 10**8:
+        return f"{n_bytes / GB:.2f} GB"
+    return f"{n_bytes / 10**6:.1f} MB" if n_bytes >= 10**5 else f"{n_bytes / 10**3:.1f} KB"
 
 
 # ------------------------------------------------------------------------------ budgets

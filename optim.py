@@ -132,12 +132,9 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 # ---------------------------------------------------------------------------- parameter report
 
-def param_report(model: nn.Module, optimizer: str, dtype_bytes: int = 4) -> dict:
-    """Parameter counts and the memory that weights, gradients and optimizer state will take.
-
-    Estimates assume `dtype_bytes` per element for weights, gradients and optimizer state (PyTorch
-    keeps grads and optimizer state in the parameter's dtype); gradients and state exist only for
-    trainable parameters. Activations are not included. Works without LoRA (full fine-tuning)."""
+def param_report(model: nn.Module, optimizer: str) -> dict:
+    """Parameter counts of the built model: total, trainable, LoRA by target (works without LoRA,
+    for full fine-tuning). The bytes they and the training will take are memplan's plan."""
     if optimizer not in OPTIMIZERS:
         raise UserError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
     gpt = lora.unwrap(model)
@@ -148,40 +145,27 @@ def param_report(model: nn.Module, optimizer: str, dtype_bytes: int = 4) -> dict
     for (_, target), module in lora.lora_modules(gpt).items():
         by_target[target] = by_target.get(target, 0) + sum(t.numel() for t in module.adapter_tensors().values())
     n_lora = sum(by_target.values())
-    buffers = OPTIMIZERS[optimizer]
-    memory = {"weights": total * dtype_bytes, "gradients": trainable * dtype_bytes,
-              "optimizer_state": trainable * buffers * dtype_bytes}
-    memory["total"] = sum(memory.values())
     settings = lora.lora_settings(gpt)
     return {
         "total": total, "trainable": trainable, "frozen": total - trainable, "lora": n_lora,
         "trainable_fraction": trainable / total if total else 0.0,
         "lora_by_target": by_target,
         "lora_settings": settings.to_dict() if settings else None,
-        "optimizer": optimizer, "optimizer_buffers_per_param": buffers, "dtype_bytes": dtype_bytes,
-        "memory_bytes": memory,
-        "memory_mb": {k: round(v / 2**20, 2) for k, v in memory.items()},  # MB = 2**20 bytes
+        "optimizer": optimizer, "optimizer_buffers_per_param": OPTIMIZERS[optimizer],
     }
 
 
 def format_param_report(report: dict) -> str:
-    """A few lines for the start of training."""
-    mem = report["memory_bytes"]
+    """A few lines for the start of training (memplan.format_plan follows them with the bytes)."""
     lines = [f"parameters: total {_count(report['total'])}, trainable {_count(report['trainable'])} "
              f"({100 * report['trainable_fraction']:.2f}%), LoRA {_count(report['lora'])}"]
     if report["lora_by_target"]:
         lines.append("  LoRA per target: " + ", ".join(f"{t} {_count(n)}" for t, n in report["lora_by_target"].items()))
         if report["trainable"] != report["lora"]:
             lines.append(f"  WARNING: {_count(report['trainable'] - report['lora'])} trainable parameters are not LoRA")
-    lines.append(f"memory estimate ({report['optimizer']}, {report['dtype_bytes']} bytes/value): weights "
-                 f"{_size(mem['weights'])}, gradients {_size(mem['gradients'])}, optimizer state "
-                 f"{_size(mem['optimizer_state'])}, total {_size(mem['total'])} (activations not included)")
     return "\n".join(lines)
 
 
 def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
 
-
-def _size(n_bytes: int) -> str:
-    return f"{n_bytes / 2**20:.1f} MB" if n_bytes >= 2**20 else f"{n_bytes / 2**10:.1f} KB"

@@ -475,7 +475,7 @@ def standalone_trainer(model_cfg: GPTConfig, cfg: TrainConfig, device: str, scra
 def describe_run(s: Setup, preset_name: str) -> dict:
     """hyperparams.json: the resolved configuration and what the run is made of."""
     cfg = s.cfg
-    report = optim.param_report(s.raw_model, cfg.optimizer, dtype_bytes=s.raw_model.lm_head.weight.element_size())
+    report = optim.param_report(s.raw_model, cfg.optimizer)
     return {"preset": preset_name, "config": config_to_dict(s.raw_model.config, cfg),
             "params": report, "lora": s.lora_settings.to_dict() if s.lora_settings else None,
             "data": {"train": s.data.train.stats, "test": s.data.test.stats},
