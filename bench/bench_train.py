@@ -12,8 +12,8 @@ configuration instead of hitting one.
 Peak memory: on CUDA, torch's peak allocated and reserved bytes over the child's life; on CPU the
 kernel's high-water mark of the child's RSS (VmHWM) and that peak minus the RSS just before the
 Trainer was built (imports, equal for all, cancel); `rss_after_build_mb` is the RSS once model,
-tokenizer and optimizer exist, before the first step. `state_mb` is optim.param_report's estimate
-(weights, gradients, optimizer state), which activations come on top of.
+tokenizer and optimizer exist, before the first step. `state_mb` is the run's memory plan's share
+for weights, gradients and optimizer state (memplan.py), which activations come on top of.
 
 Model FLOPs utilisation (GPU, bfloat16/float16): the FLOPs the step must do (see `step_flops`)
 per second over the device's dense peak (a table of known GPUs, or `--peak-tflops`).
@@ -130,8 +130,12 @@ def run_child(args) -> dict:
             if i >= args.warmup:
                 times.append(time.perf_counter() - start)
         report = optim.param_report(trainer.s.raw_model, optimizer)
+        plan = trainer.s.memory_plan
+    state = {k: getattr(plan, k) for k in ("weights", "gradients", "optimizer_state")}
+    state["total"] = sum(state.values())
     result = {"step_s": [round(t, 4) for t in times], "last_loss": round(loss, 4), "targets_per_step": targets,
-              "trainable_params": report["trainable"], "state_mb": report["memory_mb"]}
+              "trainable_params": report["trainable"],
+              "state_mb": {k: round(v / 2**20, 2) for k, v in state.items()}}  # MB = 2**20 bytes
     result["device_name"] = devices.device_name(device)
     if devices.needs_synchronize(device):  # a GPU: its allocator's peaks over the child's life
         result.update({k: round(v, 1) for k, v in devices.memory_now(device).items()})
