@@ -397,16 +397,17 @@ def format_plan(mp: MemoryPlan) -> str:
 
 def versus_measured(mp: MemoryPlan, peak_mb: Optional[float], peak_of: Optional[str]) -> Optional[str]:
     """One line for the end of a run: its measured peak (runs.summarize's peak_mem_mb, MB of 2**20
-    bytes) beside the plan. CUDA's peak allocated bytes are tensors, as `live` counts them, so the
-    plan's error is printed; a CPU run's RSS holds the whole process (libtorch, the interpreter),
-    which the plan leaves out, so the two are only set side by side."""
+    bytes) beside the plan, both in format_plan's decimal units. CUDA's peak allocated bytes are
+    tensors, as `live` counts them, so the plan's error is printed; a CPU run's RSS holds the
+    whole process (libtorch, the interpreter), which the plan leaves out, so the two are only set
+    side by side."""
     if peak_mb is None:
         return None
+    peak = round(peak_mb * 2**20)
     if peak_of == "peak_alloc_mb":
-        planned = mp.live / 2**20
-        return (f"memory: peak allocated {peak_mb:.0f} MB per rank; the plan said {planned:.0f} MB of tensors "
-                f"({100 * (planned / peak_mb - 1):+.1f}%)")
-    return (f"memory: peak RSS {peak_mb:.0f} MB (the whole process); the plan said {mp.total / 2**20:.0f} MB "
+        return (f"memory: peak allocated {_gb(peak)} per rank; the plan said {_gb(mp.live)} of tensors "
+                f"({100 * (mp.live / peak - 1):+.1f}%)")
+    return (f"memory: peak RSS {_gb(peak)} (the whole process); the plan said {_gb(mp.total)} "
             f"of tensors and allocator slack per rank")
 
 

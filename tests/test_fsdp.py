@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import memplan
 import train_sft
 from conftest import ROOT
 from errors import UserError
@@ -204,5 +205,7 @@ def test_real_run_prints_its_plan_and_stores_it_beside_the_measured_peak(run_arg
     summary = json.loads((run_dir / "metrics.json").read_text())["summary"]
     assert plan["total"] > plan["weights"] > 0 and summary["peak_mem_mb"] > 0 and summary["peak_mem_of"] == "peak_rss_mb"
     # the last line sets the measured peak beside the plan (on CPU without a ratio: RSS holds the process)
-    assert out.splitlines()[-1] == (f"memory: peak RSS {summary['peak_mem_mb']:.0f} MB (the whole process); the plan "
-                                    f"said {plan['total'] / 2**20:.0f} MB of tensors and allocator slack per rank")
+    size = memplan._gb  # format_plan's decimal units
+    assert out.splitlines()[-1] == (f"memory: peak RSS {size(round(summary['peak_mem_mb'] * 2**20))} (the whole "
+                                    f"process); the plan said {size(plan['total'])} of tensors and allocator slack "
+                                    f"per rank")

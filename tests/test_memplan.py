@@ -64,9 +64,9 @@ def test_saved_activations_are_counted_to_the_byte(monkeypatch):
 
 def test_a_cuda_peak_is_compared_with_the_planned_tensors():
     mp = memplan.plan(tiny_inputs())
-    measured = 1.25 * mp.live / 2**20  # allocated bytes: tensors, as `live` counts them
+    measured = 1.25 * mp.live / 2**20  # allocated MB (2**20 bytes): tensors, as `live` counts them
     line = memplan.versus_measured(mp, measured, "peak_alloc_mb")
-    assert line.endswith(f"the plan said {mp.live / 2**20:.0f} MB of tensors (-20.0%)")
+    assert line.endswith(f"the plan said {mp.live / 1e6:.1f} MB of tensors (-20.0%)")  # decimal units
     assert memplan.versus_measured(mp, None, None) is None
 
 
