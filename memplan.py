@@ -175,16 +175,26 @@ class MemoryPlan:
 
 # ------------------------------------------------------------------------------ parameters
 
+def _unit_params(p: PlanInputs) -> tuple[int, int, int]:
+    """Parameters of the model's parts as FSDP shards them: (the root: wte, which is also the
+    head, wpe and ln_f; one block; one adapted block's adapters, 0 without LoRA)."""
+    d = p.n_embd
+    root = p.vocab_size * d + p.block_size * d + 2 * d
+    block = 12 * d * d + 13 * d  # 4 linears (12 d^2 weights, 9 d biases) + 2 LayerNorms (4 d)
+    if not p.lora:
+        return root, block, 0
+    magnitude = 1 if p.dora else 0  # DoRA's vector: one entry per output feature
+    adapters = sum((p.rank * (i + o) + magnitude * o) * d for t, (i, o) in TARGET_WIDTHS.items()
+                   if t in p.lora_targets)
+    return root, block, adapters
+
+
 def count_params(p: PlanInputs) -> tuple[int, int]:
     """(all parameters including LoRA, trainable parameters), as model.GPT + lora.apply_lora build them."""
-    d = p.n_embd
-    block = 12 * d * d + 13 * d  # 4 linears (12 d^2 weights, 9 d biases) + 2 LayerNorms (4 d)
-    base = p.vocab_size * d + p.block_size * d + p.n_layer * block + 2 * d
+    root, block, per_block = _unit_params(p)
+    base = root + p.n_layer * block
     if not p.lora:
         return base, base
-    magnitude = 1 if p.dora else 0  # DoRA's vector: one entry per output feature
-    per_block = sum((p.rank * (i + o) + magnitude * o) * d for t, (i, o) in TARGET_WIDTHS.items()
-                    if t in p.lora_targets)
     adapters = len(p.lora_blocks()) * per_block
     return base + adapters, adapters
 
@@ -334,12 +344,8 @@ def fsdp_gathered_bytes(p: PlanInputs) -> int:
     MixedPrecisionPolicy's param_dtype; float32 without autocast)."""
     if not p.fsdp or p.world_size == 1:
         return 0
-    d = p.n_embd
-    root = p.vocab_size * d + p.block_size * d + 2 * d
-    block = 12 * d * d + 13 * d
-    if p.lora:  # every adapted block carries the same adapters
-        block += count_params(p)[1] // len(p.lora_blocks())
-    return (root + 2 * block) * _nbytes(p.compute_dtype)
+    root, block, adapters = _unit_params(p)
+    return (root + 2 * (block + adapters)) * _nbytes(p.compute_dtype)
 
 
 # ------------------------------------------------------------------------------ the plan
